@@ -1,0 +1,9 @@
+"""IPMN: pancreatic cyst (IPMN) risk grading on T1/T2 MRI with a Vision Transformer.
+
+The engine is pure Python (SimpleITK, numpy, torch, timm); it never imports Slicer, Qt or VTK.
+Import submodules explicitly (``ipmn.grid``, ``ipmn.models`` ...) so that light commands stay fast.
+"""
+
+__version__ = "0.1.0"
+
+CLASS_NAMES = ("normal", "low", "high")

@@ -1,0 +1,160 @@
+"""The ``ipmn`` command. Each subcommand imports only what it needs (cold start matters in Slicer).
+
+Errors a user can fix print one line ``ipmn: error: ...`` and exit 2; nothing half-written is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+
+from ipmn import __version__
+from ipmn.errors import IPMNError
+
+
+def _add_inputs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--t1", help="T1 volume: NIfTI, NRRD, MHA or a DICOM series folder")
+    p.add_argument("--t2", help="T2 volume: NIfTI, NRRD, MHA or a DICOM series folder")
+    p.add_argument("--roi", help="pancreas ROI: Slicer .mrk.json, 'R,A,S:W,H,D' (RAS mm) or a mask volume")
+    p.add_argument("--mask", help="pancreas mask/segmentation; ROI = its bounding box + --margin")
+    p.add_argument("--margin", type=float, default=10.0, help="margin (mm) around a mask's bounding box [10]")
+    p.add_argument("--nonfinite", choices=["refuse", "clean"], default="refuse",
+                   help="NaN/Inf voxels: refuse the volume (default) or replace them with the median")
+    p.add_argument("--pad", action="store_true", help="replicate the last slice if the ROI has fewer than k slices")
+
+
+# ------------------------------------------------------------------------------------------- commands
+def cmd_phantoms(args) -> int:
+    from ipmn.phantoms import make_cohort
+
+    def progress(i, n):
+        if not args.quiet:
+            print(f"phantom {i}/{n}", file=sys.stderr, flush=True)
+
+    manifest = make_cohort(args.out, n=args.n, seed=args.seed, centers=args.centers, progress=progress)
+    print(f"wrote {args.n} phantom cases and {manifest}")
+    return 0
+
+
+def cmd_grid(args) -> int:
+    import numpy as np
+
+    from ipmn.grid import case_windows
+    from ipmn.inputs import load_inputs
+    from ipmn.preprocess import PreprocessConfig, prepare_case
+
+    modalities = tuple(args.modalities.split(",")) if args.modalities else ("t1", "t2")
+    cfg = PreprocessConfig.from_dict(_load_yaml(args.config).get("preprocess") if args.config else None)
+    if args.cell:
+        cfg.cell = args.cell
+    volumes, roi = load_inputs(args.t1, args.t2, args.roi, args.mask, modalities, args.margin, args.nonfinite)
+    case = prepare_case(volumes, roi, cfg, modalities)
+    starts, windows = case_windows(case.data, args.k, args.windows, args.stride, args.pad)
+    os.makedirs(args.out, exist_ok=True)
+    from ipmn.io import atomic_path, write_json
+    from ipmn.render import grid_png
+
+    with atomic_path(os.path.join(args.out, "grid.npy")) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, windows)
+    grid_png(os.path.join(args.out, "grid.png"), windows[0], modalities, title=f"central window (slices {starts[0]}–{starts[0] + args.k - 1} of {case.n_slices})", k=args.k)
+    info = {"shape": list(windows.shape), "starts": starts, "n_slices": case.n_slices, "grid": case.grid.to_dict(),
+            "roi": roi.to_dict(), "timing_s": {k: round(v, 4) for k, v in case.timing.items()}}
+    write_json(info, os.path.join(args.out, "grid.json"))
+    print(f"grid {tuple(windows.shape[1:])} x {len(starts)} window(s) from {case.n_slices} ROI slices -> {args.out}/grid.png")
+    return 0
+
+
+def cmd_cohort(args) -> int:
+    from ipmn.cohort import load_cohort, summarize
+
+    modalities = tuple(args.modalities.split(","))
+    cases = load_cohort(args.cohort, modalities)
+    summary = summarize(cases)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        per_class = ", ".join(f"{k} {v}" for k, v in summary["per_class"].items())
+        print(f"{summary['n_cases']} cases ({summary['n_patients']} patients): {per_class}; "
+              f"centres {summary['per_center']}; T1 {summary['with_t1']}, T2 {summary['with_t2']}")
+    return 0
+
+
+def _load_yaml(path) -> dict:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except FileNotFoundError as exc:
+        raise IPMNError(f"config file not found: {path}") from exc
+    except (OSError, yaml.YAMLError) as exc:
+        raise IPMNError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(data, dict):
+        raise IPMNError(f"config file {path} must hold a mapping of options")
+    return data
+
+
+# ------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ipmn", description="IPMN risk grading on T1/T2 MRI (ViT + Attention Rollout)")
+    parser.add_argument("--version", action="version", version=f"ipmn {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("phantoms", help="write a synthetic phantom cohort (NIfTI + .mrk.json + cohort.csv)")
+    p.add_argument("--n", type=int, default=60)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--centers", type=int, default=1, help="number of simulated centres (1-3)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_phantoms)
+
+    p = sub.add_parser("grid", help="preprocess one case and write its k-slice grid (PNG + .npy)")
+    _add_inputs(p)
+    p.add_argument("--out", required=True)
+    p.add_argument("--k", type=int, default=9)
+    p.add_argument("--cell", type=int, default=None)
+    p.add_argument("--windows", choices=["central", "all"], default="central")
+    p.add_argument("--stride", type=int, default=1)
+    p.add_argument("--modalities", default=None, help="t1,t2 (default) | t1 | t2")
+    p.add_argument("--config", help="YAML with a 'preprocess:' section")
+    p.set_defaults(func=cmd_grid)
+
+    p = sub.add_parser("cohort", help="validate a cohort (manifest CSV or Cyst-X folder) and print its summary")
+    p.add_argument("cohort")
+    p.add_argument("--modalities", default="t1,t2")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_cohort)
+
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except IPMNError as exc:
+        print(f"ipmn: error: {exc}", file=sys.stderr)
+        if getattr(args, "progress", None) == "jsonl":
+            print(json.dumps({"event": "error", "message": str(exc)}), flush=True)
+        return IPMNError.exit_code
+    except KeyboardInterrupt:
+        print("ipmn: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("ipmn: error: out of memory; try --device cpu, --windows central, or close other programs", file=sys.stderr)
+        return 3
+    except Exception as exc:  # noqa: BLE001 - last line of defence: one line, not a traceback
+        if os.environ.get("IPMN_DEBUG"):
+            traceback.print_exc()
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"ipmn: internal error: {type(exc).__name__}: {first[:300]} (set IPMN_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

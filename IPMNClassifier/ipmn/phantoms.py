@@ -1,0 +1,448 @@
+"""Synthetic T1/T2 abdominal MRI phantoms with a labelled pancreas (the project's only data here).
+
+Anatomy is defined analytically in patient RAS millimetres (body, fat, liver, spleen, kidneys, spine,
+aorta, gallbladder, a curved pancreas with its main duct) and sampled on each scan's own voxel grid, so
+every case has its own spacing, orientation (LPS, RAS, flipped, permuted, oblique), field of view,
+T2-vs-T1 misregistration, bias field, Rician noise and scanner gain.
+
+Labels follow the Fukuoka/Kyoto rules and are visible only inside the pancreas ROI:
+
+* normal: no cyst, main duct < 4 mm;
+* low risk: 1–3 simple cysts (8–25 mm), main duct < 5 mm, no nodule;
+* high risk: an enhancing mural nodule ≥ 5 mm inside a cyst, or a main duct ≥ 10 mm, or a cyst ≥ 30 mm
+  with a worrisome feature (thick enhancing wall, duct 5–9 mm).
+
+Cysts/duct are bright on T2 and dark on T1; nodules and walls are intermediate. Everything that could
+leak the label outside the ROI — gain, field of view, matrix, ROI size, file names — is drawn
+independently of the label. These phantoms are far easier than real IPMN grading: never present their
+numbers as clinical results.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from ipmn import CLASS_NAMES
+from ipmn.errors import IPMNError
+from ipmn.io import write_image, write_json
+from ipmn.roi import RAS_TO_LPS, ROI, write_mrk_json
+
+# (T1, T2) relative signal of each tissue.
+TISSUE = {
+    "fat": (0.85, 0.65),
+    "soft": (0.42, 0.30),
+    "liver": (0.55, 0.24),
+    "spleen": (0.40, 0.55),
+    "kidney": (0.38, 0.62),
+    "bone": (0.60, 0.38),
+    "csf": (0.15, 0.95),
+    "aorta": (0.05, 0.05),
+    "gallbladder": (0.15, 0.92),
+    "pancreas": (0.72, 0.40),
+    "fluid": (0.12, 1.00),
+    "wall": (0.50, 0.45),
+    "nodule": (0.48, 0.48),
+}
+CENTERS = ("A", "B", "C")
+
+
+@dataclass
+class Lesion:
+    kind: str  # "cyst" | "nodule"
+    center: np.ndarray  # RAS mm
+    radius: float
+    wall_mm: float = 0.0
+
+
+@dataclass
+class Anatomy:
+    body_axes: tuple
+    fat_mm: float
+    pancreas_x: tuple  # (tail x, head x) in RAS (head on the patient's right: larger x)
+    y0: float
+    curve: float
+    z0: float
+    slope: float
+    r_head: float
+    r_tail: float
+    duct_r: float
+    lesions: list = field(default_factory=list)
+
+    def centerline(self, x):
+        xm = 0.5 * (self.pancreas_x[0] + self.pancreas_x[1])
+        half = 0.5 * (self.pancreas_x[1] - self.pancreas_x[0])
+        u = (x - xm) / half
+        y = self.y0 - self.curve * u**2
+        z = self.z0 + self.slope * (x - xm)
+        t = (x - self.pancreas_x[0]) / (self.pancreas_x[1] - self.pancreas_x[0])
+        r = self.r_tail + (self.r_head - self.r_tail) * np.clip(t, 0, 1)
+        return y, z, r
+
+
+# --------------------------------------------------------------------------------------------- sampling
+def _soft(signed, h):
+    """Partial-volume weight from a signed distance (negative inside), edge width ``h`` mm."""
+    return np.clip(0.5 - signed / h, 0.0, 1.0)
+
+
+def _ellipsoid(p, c, semi):
+    q = (p - np.asarray(c, dtype=np.float32)) / np.asarray(semi, dtype=np.float32)
+    return (np.sqrt((q * q).sum(-1)) - 1.0) * float(min(semi))
+
+
+def _cylinder_z(p, cx, cy, r):
+    return np.sqrt((p[..., 0] - cx) ** 2 + (p[..., 1] - cy) ** 2) - r
+
+
+def _make_geometry(rng, matrix, n_slices, fov_xy, slice_mm, orientation, oblique_deg, center_ras):
+    """Origin/spacing/direction (LPS) for an axial acquisition stored with the given orientation."""
+    spacing_phys = np.array([fov_xy / matrix[0], fov_xy / matrix[1], slice_mm])  # along L/R, A/P, S
+    size_phys = np.array([matrix[0], matrix[1], n_slices])
+    # Physical axes in LPS for each storage orientation (columns = voxel axes i, j, k).
+    bases = {
+        "LPS": np.eye(3),
+        "RAS": np.diag([-1.0, -1.0, 1.0]),
+        "LPI": np.diag([1.0, 1.0, -1.0]),
+        "RPS": np.diag([-1.0, 1.0, 1.0]),
+        "PLS": np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]),
+        "SLP": np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]),
+    }
+    base = bases[orientation]
+    # which physical axis each voxel axis runs along
+    perm = [int(np.argmax(np.abs(base[:, a]))) for a in range(3)]
+    spacing = spacing_phys[perm]
+    size = size_phys[perm].astype(int)
+    rot = np.eye(3)
+    if oblique_deg:
+        axis = rng.normal(size=3)
+        axis /= np.linalg.norm(axis)
+        a = math.radians(oblique_deg)
+        kx = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+        rot = np.eye(3) + math.sin(a) * kx + (1 - math.cos(a)) * kx @ kx
+    direction = rot @ base
+    center_lps = RAS_TO_LPS @ np.asarray(center_ras, dtype=float)
+    origin = center_lps - direction @ ((size - 1) / 2.0 * spacing)
+    return origin, spacing, direction, size
+
+
+def _voxel_ras(origin, spacing, direction, size, sl):
+    """RAS coordinates (float32, shape (k, j, i, 3)) of the voxels in index slices ``sl`` (z, y, x)."""
+    ks, js, is_ = (np.arange(size[2])[sl[0]], np.arange(size[1])[sl[1]], np.arange(size[0])[sl[2]])
+    kk, jj, ii = np.meshgrid(ks, js, is_, indexing="ij")
+    idx = np.stack([ii, jj, kk], -1).astype(np.float32) * spacing.astype(np.float32)
+    lps = idx @ direction.T.astype(np.float32) + origin.astype(np.float32)
+    return lps * np.array([-1, -1, 1], dtype=np.float32)
+
+
+def _index_box(origin, spacing, direction, size, lo_ras, hi_ras):
+    """Index-space slices (z, y, x) covering an RAS box, or None if outside."""
+    corners = np.array([[x, y, z] for x in (lo_ras[0], hi_ras[0]) for y in (lo_ras[1], hi_ras[1]) for z in (lo_ras[2], hi_ras[2])])
+    lps = corners * np.array([-1, -1, 1])
+    idx = np.linalg.solve(direction, (lps - origin).T).T / spacing
+    lo = np.maximum(np.floor(idx.min(0)).astype(int) - 1, 0)
+    hi = np.minimum(np.ceil(idx.max(0)).astype(int) + 2, size)
+    if np.any(hi <= lo):
+        return None
+    return (slice(lo[2], hi[2]), slice(lo[1], hi[1]), slice(lo[0], hi[0]))
+
+
+def _render(anat: Anatomy, geom, shift_ras, channel: int, h: float):
+    """Paint the anatomy on a voxel grid; returns (image float32 (z,y,x), pancreas mask uint8)."""
+    origin, spacing, direction, size = geom
+    full = (slice(None), slice(None), slice(None))
+    shape = (size[2], size[1], size[0])
+    img = np.zeros(shape, dtype=np.float32)
+
+    def paint(sl, signed, tissue):
+        w = _soft(signed, h)
+        val = TISSUE[tissue][channel]
+        region = img[sl]
+        region += w * (val - region)
+
+    p = _voxel_ras(origin, spacing, direction, size, full) - shift_ras
+    a, b = anat.body_axes
+    body = (np.sqrt((p[..., 0] / a) ** 2 + (p[..., 1] / b) ** 2) - 1.0) * b
+    paint(full, body, "fat")
+    paint(full, body + anat.fat_mm, "soft")
+    paint(full, _ellipsoid(p, (68, 8, 45), (72, 62, 85)), "liver")
+    paint(full, _ellipsoid(p, (-88, -38, 40), (34, 44, 52)), "spleen")
+    for sx in (1, -1):
+        paint(full, _ellipsoid(p, (sx * 62, -48, -25), (24, 26, 46)), "kidney")
+    paint(full, _cylinder_z(p, 0, -68, 19), "bone")
+    paint(full, _cylinder_z(p, 0, -93, 7), "csf")
+    paint(full, _cylinder_z(p, -14, -38, 11), "aorta")
+    paint(full, _ellipsoid(p, (78, 42, 10), (14, 15, 30)), "gallbladder")
+    del p
+
+    # Pancreas, duct and lesions inside their bounding box only.
+    x0, x1 = anat.pancreas_x
+    pad = max(anat.r_head, 40.0) + 10
+    lo = np.array([x0 - 15, anat.y0 - anat.curve - pad, anat.z0 - 60]) + shift_ras
+    hi = np.array([x1 + 15, anat.y0 + pad, anat.z0 + 60]) + shift_ras
+    mask = np.zeros(shape, dtype=np.uint8)
+    sl = _index_box(origin, spacing, direction, size, lo, hi)
+    if sl is not None:
+        p = _voxel_ras(origin, spacing, direction, size, sl) - shift_ras
+        x = np.clip(p[..., 0], x0, x1)
+        yc, zc, r = anat.centerline(x)
+        along = np.maximum(x0 - p[..., 0], 0) + np.maximum(p[..., 0] - x1, 0)
+        radial = np.sqrt((p[..., 1] - yc) ** 2 + (p[..., 2] - zc) ** 2)
+        tube = np.sqrt(np.maximum(radial - r, 0) ** 2 + along**2) + np.minimum(radial - r, 0)
+        paint(sl, tube, "pancreas")
+        duct = np.sqrt(np.maximum(radial - anat.duct_r, 0) ** 2 + along**2) + np.minimum(radial - anat.duct_r, 0)
+        paint(sl, duct, "fluid")
+        inside = tube < 0
+        for les in anat.lesions:
+            d = np.sqrt(((p - les.center.astype(np.float32)) ** 2).sum(-1)) - les.radius
+            if les.kind == "cyst":
+                if les.wall_mm > 0:
+                    paint(sl, d - les.wall_mm, "wall")
+                paint(sl, d, "fluid")
+            else:
+                paint(sl, d, "nodule")
+            inside |= d < 0
+        mask[sl] = inside.astype(np.uint8)
+    return img, mask
+
+
+# --------------------------------------------------------------------------------------------- cases
+def _anatomy(rng, label: int) -> tuple[Anatomy, dict]:
+    length = rng.uniform(95, 115)
+    head_x = rng.uniform(38, 48)
+    anat = Anatomy(
+        body_axes=(rng.uniform(130, 160), rng.uniform(95, 115)),
+        fat_mm=rng.uniform(8, 20),
+        pancreas_x=(head_x - length, head_x),
+        y0=rng.uniform(-4, 6),
+        curve=rng.uniform(8, 20),
+        z0=rng.uniform(-4, 4),
+        slope=rng.uniform(0.08, 0.2),
+        r_head=rng.uniform(12, 15),
+        r_tail=rng.uniform(8, 10),
+        duct_r=rng.uniform(0.8, 1.6),
+    )
+    info = {"stigmata": [], "worrisome": []}
+
+    def place(radius, offset_frac=0.3):
+        x = rng.uniform(anat.pancreas_x[0] + 15, anat.pancreas_x[1] - 12)
+        y, z, r = anat.centerline(np.array(x))
+        ang = rng.uniform(0, 2 * np.pi)
+        off = offset_frac * float(r) * np.array([math.cos(ang), math.sin(ang)])
+        return np.array([x, float(y) + off[0], float(z) + off[1]]), float(r)
+
+    if label == 1:  # low risk: simple cysts
+        for _ in range(rng.integers(1, 4)):
+            c, _r = place(0)
+            anat.lesions.append(Lesion("cyst", c, rng.uniform(4.0, 12.5)))
+        anat.duct_r = rng.uniform(0.8, 2.2)
+    elif label == 2:
+        scenario = rng.choice(["nodule", "duct", "large"], p=[0.45, 0.35, 0.2])
+        if scenario == "nodule":
+            cyst_r = rng.uniform(8.5, 13.5)
+            c, _r = place(cyst_r)
+            anat.lesions.append(Lesion("cyst", c, cyst_r))
+            nod_r = rng.uniform(2.75, 4.5)  # diameter 5.5–9 mm
+            v = rng.normal(size=3)
+            v /= np.linalg.norm(v)
+            anat.lesions.append(Lesion("nodule", c + v * (cyst_r - nod_r * 0.8), nod_r))
+            info["stigmata"].append(f"enhancing mural nodule {2 * nod_r:.1f} mm")
+        elif scenario == "duct":
+            anat.duct_r = rng.uniform(5.2, 7.5)
+            anat.r_head = max(anat.r_head, anat.duct_r + 4)
+            anat.r_tail = max(anat.r_tail, anat.duct_r + 2.5)
+            info["stigmata"].append(f"main pancreatic duct {2 * anat.duct_r:.1f} mm")
+        else:
+            cyst_r = rng.uniform(15.0, 18.0)
+            c, _r = place(cyst_r, 0.1)
+            anat.lesions.append(Lesion("cyst", c, cyst_r, wall_mm=rng.uniform(2.0, 3.0)))
+            anat.duct_r = rng.uniform(2.6, 4.4)
+            info["worrisome"] += [f"cyst {2 * cyst_r:.0f} mm", "thickened enhancing wall", f"main duct {2 * anat.duct_r:.1f} mm"]
+        if scenario != "large" and rng.random() < 0.4:
+            c, _r = place(0)
+            anat.lesions.append(Lesion("cyst", c, rng.uniform(4.0, 8.0)))
+        info["scenario"] = str(scenario)
+    info["duct_diameter_mm"] = round(2 * anat.duct_r, 2)
+    info["cyst_diameters_mm"] = [round(2 * les.radius, 1) for les in anat.lesions if les.kind == "cyst"]
+    info["cyst_volume_ml"] = round(sum(4 / 3 * math.pi * les.radius**3 for les in anat.lesions if les.kind == "cyst") / 1000, 3)
+    return anat, info
+
+
+def _roi_for(anat: Anatomy, rng) -> ROI:
+    x0, x1 = anat.pancreas_x
+    xs = np.linspace(x0, x1, 50)
+    y, z, r = anat.centerline(xs)
+    margin = rng.uniform(10, 16)
+    lo = np.array([x0 - r[0], (y - r).min(), (z - r).min()]) - margin
+    hi = np.array([x1 + r[-1], (y + r).max(), (z + r).max()]) + margin
+    # Lesions protrude at most a few mm beyond the tube; the box is label-independent by construction.
+    jitter = rng.uniform(-3, 3, size=3)
+    return ROI((lo + hi) / 2 + jitter, hi - lo, np.eye(3))
+
+
+def _acquire(anat, geom, shift, channel, rng, center_idx, h):
+    img, mask = _render(anat, geom, shift, channel, h)
+    origin, spacing, direction, size = geom
+    # Smooth multiplicative bias field in physical space.
+    p = _voxel_ras(origin, spacing, direction, size, (slice(None),) * 3)
+    c = rng.uniform(-1, 1, size=5)
+    logb = 0.22 * (c[0] * p[..., 0] / 150 + c[1] * p[..., 1] / 150 + c[2] * p[..., 2] / 100 + c[3] * (p[..., 0] ** 2 + p[..., 1] ** 2) / 150**2 + c[4] * p[..., 0] * p[..., 2] / 15000)
+    del p
+    img *= np.exp(logb).astype(np.float32)
+    sigma = rng.uniform(0.015, 0.04) * (1 + 0.3 * center_idx)
+    n1 = rng.normal(0, sigma, img.shape).astype(np.float32)
+    n2 = rng.normal(0, sigma, img.shape).astype(np.float32)
+    img = np.sqrt((img + n1) ** 2 + n2**2)
+    gain = rng.uniform(300, 1800) * (1.0 + 0.25 * center_idx)
+    arr = np.clip(np.round(img * gain), 0, 32767).astype(np.int16)
+    image = sitk.GetImageFromArray(arr)
+    image.SetOrigin([float(v) for v in origin])
+    image.SetSpacing([float(v) for v in spacing])
+    image.SetDirection([float(v) for v in direction.ravel()])
+    mask_img = sitk.GetImageFromArray(mask)
+    mask_img.CopyInformation(image)
+    return image, mask_img
+
+
+def make_case(
+    seed: int,
+    label: int,
+    center: str = "A",
+    t1_shape: tuple | None = None,
+    t2_shape: tuple | None = None,
+    t1_orientation: str | None = None,
+    t2_orientation: str | None = None,
+):
+    """One phantom case: dict with ``t1``, ``t2`` (sitk int16), ``mask`` (pancreas, T1 grid), ``roi``, ``info``.
+
+    ``t1_shape``/``t2_shape`` = (matrix, matrix, slices) force the sampling (benchmarks); by default the
+    matrix and slice thickness are drawn at random.
+    """
+    if label not in (0, 1, 2):
+        raise IPMNError(f"phantom label must be 0, 1 or 2 (got {label})")
+    rng = np.random.default_rng(seed)
+    center_idx = CENTERS.index(center) if center in CENTERS else 0
+    anat, info = _anatomy(rng, label)
+    roi = _roi_for(anat, rng)
+    orientations = ["LPS", "RAS", "LPI", "RPS", "PLS", "SLP"]
+    o1 = t1_orientation or str(rng.choice(orientations))
+    o2 = t2_orientation or str(rng.choice(orientations))
+    look_at = np.array([rng.uniform(-10, 10), rng.uniform(-10, 10), rng.uniform(-8, 8)])
+    # T1: in-plane matrix and slices drawn per case.
+    if t1_shape:
+        m1, n1 = t1_shape[:2], t1_shape[2]
+        fov1 = rng.uniform(300, 360)
+        s1 = rng.uniform(2.5, 3.5)
+    else:
+        m = int(rng.choice([160, 192, 224]))
+        m1 = (m, m)
+        fov1 = rng.uniform(280, 360)
+        s1 = rng.uniform(2.5, 5.0)
+        n1 = int(rng.uniform(120, 170) / s1)
+    if t2_shape:
+        m2, n2 = t2_shape[:2], t2_shape[2]
+        fov2 = rng.uniform(300, 380)
+        s2 = rng.uniform(3.5, 5.0)
+    else:
+        m = int(rng.choice([160, 192, 256]))
+        m2 = (m, m)
+        fov2 = rng.uniform(280, 380)
+        s2 = rng.uniform(3.0, 6.0)
+        n2 = int(rng.uniform(110, 160) / s2)
+    obl1 = float(rng.uniform(0, 8)) if rng.random() < 0.3 else 0.0
+    obl2 = float(rng.uniform(0, 12)) if rng.random() < 0.5 else 0.0
+    g1 = _make_geometry(rng, m1, n1, fov1, s1, o1, obl1, look_at)
+    g2 = _make_geometry(rng, m2, n2, fov2, s2, o2, obl2, look_at + rng.uniform(-10, 10, 3))
+    shift = rng.uniform(-3, 3, size=3).astype(np.float32)  # T2 vs T1 misregistration (mm)
+    t1, mask = _acquire(anat, g1, np.zeros(3, np.float32), 0, rng, center_idx, h=float(np.mean(g1[1])))
+    t2, _ = _acquire(anat, g2, shift, 1, rng, center_idx, h=float(np.mean(g2[1])))
+    info.update(
+        {
+            "label": CLASS_NAMES[label],
+            "center": center,
+            "t1_orientation": o1,
+            "t2_orientation": o2,
+            "t1_oblique_deg": round(obl1, 2),
+            "t2_oblique_deg": round(obl2, 2),
+            "t2_shift_mm": [round(float(v), 2) for v in shift],
+        }
+    )
+    return {"t1": t1, "t2": t2, "mask": mask, "roi": roi, "info": info}
+
+
+def write_case(case: dict, folder: Path, case_id: str) -> dict:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "t1": folder / f"{case_id}_t1.nii.gz",
+        "t2": folder / f"{case_id}_t2.nii.gz",
+        "roi": folder / f"{case_id}_roi.mrk.json",
+        "mask": folder / f"{case_id}_pancreas.nii.gz",
+    }
+    write_image(case["t1"], paths["t1"])
+    write_image(case["t2"], paths["t2"])
+    write_image(case["mask"], paths["mask"])
+    write_mrk_json(case["roi"], paths["roi"])
+    return paths
+
+
+def balanced_labels(n: int, rng) -> list[int]:
+    labels = [i % 3 for i in range(n)]
+    rng.shuffle(labels)
+    return labels
+
+
+def make_cohort(out: str | Path, n: int = 60, seed: int = 0, centers: int = 1, progress=None) -> Path:
+    """Write ``n`` phantom cases and ``cohort.csv`` into ``out``; returns the manifest path."""
+    if n < 1:
+        raise IPMNError(f"--n must be at least 1 (got {n})")
+    if not 1 <= centers <= len(CENTERS):
+        raise IPMNError(f"--centers must be between 1 and {len(CENTERS)} (got {centers})")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    root = np.random.SeedSequence(seed)
+    rng = np.random.default_rng(root.spawn(1)[0])
+    labels = balanced_labels(n, rng)
+    case_seeds = root.spawn(n + 1)[1:]
+    used = set()
+    rows = []
+    truth = {}
+    for i, (label, ss) in enumerate(zip(labels, case_seeds, strict=True)):
+        case_rng = np.random.default_rng(ss)
+        while True:
+            case_id = f"ph{case_rng.integers(0, 16**5):05x}"
+            if case_id not in used:
+                used.add(case_id)
+                break
+        center = CENTERS[i % centers]
+        case = make_case(int(case_rng.integers(0, 2**31)), label, center=center)
+        paths = write_case(case, out / "cases", case_id)
+        rows.append(
+            {
+                "case_id": case_id,
+                "t1": paths["t1"].relative_to(out).as_posix(),
+                "t2": paths["t2"].relative_to(out).as_posix(),
+                "roi": paths["roi"].relative_to(out).as_posix(),
+                "label": CLASS_NAMES[label],
+                "center": center,
+                "mask": paths["mask"].relative_to(out).as_posix(),
+            }
+        )
+        truth[case_id] = case["info"]
+        if progress:
+            progress(i + 1, n)
+    rows.sort(key=lambda r: r["case_id"])
+    manifest = out / "cohort.csv"
+    from ipmn.io import atomic_path
+
+    with atomic_path(manifest) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    write_json({"seed": seed, "n": n, "centers": centers, "cases": truth, "note": "synthetic phantoms, not patient data"}, out / "phantom_truth.json")
+    return manifest

@@ -1,0 +1,48 @@
+"""Shared fixtures: phantom cases and a small phantom cohort written to temporary folders."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("IPMN_CACHE_DIR", str(Path(os.environ.get("PYTEST_TMPDIR", "/tmp")) / "ipmn-test-cache"))
+
+
+def run_cli(*args, timeout=600, input=None, env=None):
+    """Run ``python -m ipmn ARGS`` as a user would; returns the CompletedProcess."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "ipmn", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input,
+        env=full_env,
+    )
+
+
+@pytest.fixture(scope="session")
+def phantom_cohort(tmp_path_factory):
+    """12 phantom cases (4 per class) with cohort.csv, generated once per session."""
+    from ipmn.phantoms import make_cohort
+
+    out = tmp_path_factory.mktemp("cohort12")
+    manifest = make_cohort(out, n=12, seed=7)
+    return manifest
+
+
+@pytest.fixture(scope="session")
+def phantom_case(tmp_path_factory):
+    """One high-risk phantom case written to disk: dict of paths plus the in-memory case."""
+    from ipmn.phantoms import make_case, write_case
+
+    case = make_case(seed=11, label=2)
+    out = tmp_path_factory.mktemp("case")
+    paths = write_case(case, out, "case")
+    return {"case": case, **{k: Path(v) for k, v in paths.items()}}

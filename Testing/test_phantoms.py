@@ -1,0 +1,79 @@
+"""Phantoms: deterministic, balanced, label visible inside the ROI and not in global statistics."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import SimpleITK as sitk
+
+from ipmn.cohort import load_manifest
+from ipmn.phantoms import make_case
+from ipmn.roi import read_mrk_json
+
+
+def test_same_seed_same_case_different_seed_different_case():
+    a, b, c = make_case(3, 1), make_case(3, 1), make_case(4, 1)
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(a["t1"]), sitk.GetArrayViewFromImage(b["t1"]))
+    assert a["t1"].GetSize() != c["t1"].GetSize() or not np.array_equal(
+        sitk.GetArrayViewFromImage(a["t1"]), sitk.GetArrayViewFromImage(c["t1"])
+    )
+
+
+def test_cohort_is_balanced_valid_and_readable(phantom_cohort):
+    cases = load_manifest(phantom_cohort)
+    counts = np.bincount([c.label for c in cases], minlength=3)
+    assert counts.tolist() == [4, 4, 4]
+    rows = list(csv.DictReader(open(phantom_cohort)))
+    ids = [r["case_id"] for r in rows]
+    assert len(set(ids)) == len(ids)
+    # file names carry no label
+    assert not any(name in r["t1"] for r in rows for name in ("normal", "low", "high"))
+    roi = read_mrk_json(cases[0].roi)
+    assert np.all(roi.size > 40)
+
+
+def _stats(case):
+    t1 = sitk.GetArrayFromImage(case.t1 and sitk.ReadImage(str(case.t1))).astype(np.float32)
+    t2img = sitk.ReadImage(str(case.t2))
+    t2 = sitk.GetArrayFromImage(t2img).astype(np.float32)
+    mask = sitk.ReadImage(str(case.mask))
+    # T2 resampled into the mask (T1) grid to look inside the pancreas
+    t2_on_mask = sitk.GetArrayFromImage(sitk.Resample(t2img, mask, sitk.Transform(), sitk.sitkLinear, 0.0))
+    inside = sitk.GetArrayFromImage(mask) > 0
+    body = t2_on_mask > np.percentile(t2_on_mask, 60)
+    ref = np.median(t2_on_mask[body])
+    bright_inside = float((t2_on_mask[inside] > 1.9 * ref).mean())
+    global_stats = [t1.mean() / np.percentile(t1, 99), t2.mean() / np.percentile(t2, 99),
+                    t1.std() / t1.mean(), t2.std() / t2.mean(), float(np.prod(t1.shape))]
+    return bright_inside, global_stats
+
+
+def _separation(values, labels):
+    """Largest standardised difference of class means (between any two classes)."""
+    values, labels = np.asarray(values, float), np.asarray(labels)
+    pooled = values.std() + 1e-12
+    means = [values[labels == k].mean() for k in range(3)]
+    return (max(means) - min(means)) / pooled
+
+
+def test_label_inside_roi_not_in_global_statistics(phantom_cohort):
+    cases = load_manifest(phantom_cohort)
+    stats = [_stats(c) for c in cases]
+    labels = [c.label for c in cases]
+    bright = np.array([s[0] for s in stats])
+    lab = np.array(labels)
+    # fluid (T2-bright) fraction inside the pancreas: normal has the least
+    assert bright[lab == 0].max() < min(bright[lab == 1].mean(), bright[lab == 2].mean())
+    assert _separation(bright, labels) > 1.5
+    for j in range(len(stats[0][1])):
+        assert _separation([s[1][j] for s in stats], labels) < 1.5, j
+    truth = json.loads((phantom_cohort.parent / "phantom_truth.json").read_text())
+    by_label = {}
+    for c in cases:
+        by_label.setdefault(c.label, []).append(truth["cases"][c.case_id])
+    assert all(t["cyst_volume_ml"] == 0 for t in by_label[0])
+    assert all(t["cyst_volume_ml"] > 0 for t in by_label[1])
+    assert all(t["stigmata"] or t["worrisome"] for t in by_label[2])
+    assert all(max(t["cyst_diameters_mm"], default=0) < 30 and t["duct_diameter_mm"] < 5 for t in by_label[1])
