@@ -7,8 +7,8 @@ import shutil
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import run_cli
 
+from conftest import run_cli
 from ipmn.roi import ROI, write_mrk_json
 
 

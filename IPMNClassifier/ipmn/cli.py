@@ -68,6 +68,49 @@ def cmd_grid(args) -> int:
     return 0
 
 
+def _progress_printer(mode):
+    if mode == "jsonl":
+        def report(stage, fraction):
+            print(json.dumps({"event": "stage", "stage": stage, "fraction": round(float(fraction), 3)}), flush=True)
+        return report
+    return None
+
+
+def cmd_predict(args) -> int:
+    from ipmn.predict import Predictor, summary_line
+
+    models = list(args.ensemble or []) or ([args.model] if args.model else [])
+    if not models:
+        raise IPMNError("no model given: pass --model MODEL_DIR (or --ensemble DIR1 DIR2 ...)")
+    predictor = Predictor(models, device=args.device, bf16_cpu=args.bf16)
+    result = predictor.predict(
+        t1=args.t1, t2=args.t2, roi=args.roi, mask=args.mask, out=args.out, windows=args.windows, tta=args.tta,
+        stride=args.stride, margin_mm=args.margin, nonfinite=args.nonfinite, pad=args.pad,
+        fidelity=not args.no_fidelity, progress=_progress_printer(args.progress),
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+        print(summary_line(result), file=sys.stderr)
+    elif args.progress == "jsonl":
+        print(json.dumps({"event": "done", "out": str(args.out), "summary": summary_line(result)}), flush=True)
+    else:
+        print(summary_line(result))
+        print(f"outputs in {args.out}/: prediction.json attention.nii.gz attention_labels.nii.gz grid.png")
+    return 0
+
+
+def cmd_worker(args) -> int:
+    from ipmn.predict import serve
+
+    return serve()
+
+
+def cmd_demo(args) -> int:
+    from ipmn.demo import run_demo
+
+    return run_demo(args.out, device=args.device, windows=args.windows)
+
+
 def cmd_cohort(args) -> int:
     from ipmn.cohort import load_cohort, summarize
 
@@ -122,6 +165,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modalities", default=None, help="t1,t2 (default) | t1 | t2")
     p.add_argument("--config", help="YAML with a 'preprocess:' section")
     p.set_defaults(func=cmd_grid)
+
+    p = sub.add_parser("predict", help="grade one case: probabilities, attention maps in T1's geometry, grid PNG")
+    _add_inputs(p)
+    p.add_argument("--model", help="model package folder (model.safetensors + config.json)")
+    p.add_argument("--ensemble", nargs="+", metavar="DIR", help="several model folders averaged (e.g. CV folds)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available) | cpu | cuda")
+    p.add_argument("--windows", choices=["central", "all"], default="central",
+                   help="central: the paper's 9 central slices; all: every window, averaged")
+    p.add_argument("--stride", type=int, default=1, help="slice step between windows with --windows all")
+    p.add_argument("--tta", action="store_true", help="test-time flips/90-degree rotations, maps un-rotated")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CPU (GPU uses it by default)")
+    p.add_argument("--no-fidelity", action="store_true", help="skip the deletion-curve fidelity check")
+    p.add_argument("--progress", choices=["none", "jsonl"], default="none", help="jsonl: one JSON event per line")
+    p.add_argument("--json", action="store_true", help="print prediction.json to stdout")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("worker", help="long-lived predictor: JSON requests on stdin, JSON events on stdout")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("demo", help="predict the bundled sample phantom case with the bundled demo model")
+    p.add_argument("--out", default="ipmn-demo")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--windows", choices=["central", "all"], default="all")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("cohort", help="validate a cohort (manifest CSV or Cyst-X folder) and print its summary")
     p.add_argument("cohort")

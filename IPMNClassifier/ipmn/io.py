@@ -18,6 +18,9 @@ import SimpleITK as sitk
 
 from ipmn.errors import IPMNError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
@@ -101,6 +104,7 @@ def atomic_path(dest: str | os.PathLike):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -1,0 +1,28 @@
+"""Write the bundled sample phantom case (Resources/SampleData). Reproducible: `make sample-data`."""
+
+import json
+import sys
+from pathlib import Path
+
+from ipmn.io import write_json
+from ipmn.phantoms import make_case, write_case
+
+SEED, LABEL = 20221, 2  # a high-risk phantom with an enhancing mural nodule
+
+
+def main(out="Resources/SampleData"):
+    out = Path(out)
+    case = make_case(SEED, LABEL, t1_shape=(192, 192, 44), t2_shape=(224, 224, 32),
+                     t1_orientation="LPS", t2_orientation="RAS")
+    paths = write_case(case, out, "sample")
+    info = case["info"]
+    findings = info["stigmata"] + info["worrisome"] + [f"cysts {info['cyst_diameters_mm']} mm"]
+    write_json({"t1": paths["t1"].name, "t2": paths["t2"].name, "roi": paths["roi"].name,
+                "mask": paths["mask"].name, "label": info["label"], "seed": SEED, "findings": findings,
+                "note": "synthetic phantom made by ipmn.phantoms; not patient data", "truth": info},
+               out / "sample.json")
+    print(json.dumps(info))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
