@@ -1,9 +1,10 @@
-"""Preprocessing as in the paper, each step optional: N4 → edge-preserving smoothing → resample onto the
-ROI grid → intensity standardisation (z-score inside the ROI, optional Nyúl landmarks) → 0–1 scaling.
+"""Preprocessing as in the paper, each step optional: N4 bias-field correction → edge-preserving smoothing
+→ intensity standardisation (z-score inside the ROI, optional Nyúl landmarks) → 0–1 scaling, on the ROI grid.
 
-The expensive filters run only on the part of each volume that covers the ROI plus a margin, in that
-volume's own voxel grid (N4 is fitted on a shrunk copy and its bias field evaluated at full resolution),
-so a case costs seconds instead of minutes. Everything returns a :class:`CaseGrid`: the stacked
+Only the part of each volume that covers the ROI plus a margin is touched: N4 is fitted on a shrunk copy
+of that crop and its smooth bias field evaluated directly on the ROI grid; the volume is resampled onto
+the grid (with a Gaussian anti-aliasing prefilter where the grid is coarser) and smoothed there. A case
+costs well under a second instead of minutes (full-resolution N4 on a whole abdomen). Everything returns a :class:`CaseGrid`: the stacked
 modalities on the ROI grid plus the grid's geometry, which is what the way back needs.
 """
 
@@ -81,24 +82,35 @@ class CaseGrid:
 
 
 # ----------------------------------------------------------------------------------------------- filters
-def n4_correct(image: sitk.Image, shrink: int = 4, iterations=(50, 50, 30)) -> sitk.Image:
-    """N4 bias-field correction fitted on a shrunk copy; the field is evaluated at full resolution."""
+def n4_fit(image: sitk.Image, shrink: int = 4, iterations=(50, 50, 30)):
+    """Fit N4 on a shrunk copy of ``image``. Returns ``(corrector, offset, shrunk image)``.
+
+    ``corrector.GetLogBiasFieldAsImage(ref)`` evaluates the fitted B-spline field on ``ref``, which must
+    share the fitted image's orientation (the full-resolution image, or the shrunk one); the correction
+    applies to ``image + offset`` (N4 needs positive intensities).
+    """
     arr = sitk.GetArrayViewFromImage(image)
     lo = float(np.percentile(arr, 1))
-    positive = sitk.Cast(image, sitk.sitkFloat32) - lo + 1e-3 * (float(arr.max()) - lo + 1.0)
+    offset = -lo + 1e-3 * (float(arr.max()) - lo + 1.0)
+    positive = sitk.Cast(image, sitk.sitkFloat32) + offset
     # Mask: tissue (not air/fluid-dark background) by Otsu on the crop.
     mask = sitk.OtsuThreshold(positive, 0, 1, 128)
     if sitk.GetArrayViewFromImage(mask).sum() < 64:
         mask = sitk.Image(positive.GetSize(), sitk.sitkUInt8) + 1
         mask.CopyInformation(positive)
     factors = [max(1, min(int(shrink), s // 8)) for s in positive.GetSize()]
-    small = sitk.Shrink(positive, factors)
-    small_mask = sitk.Shrink(mask, factors)
     corrector = sitk.N4BiasFieldCorrectionImageFilter()
     corrector.SetMaximumNumberOfIterations([int(i) for i in iterations])
-    corrector.Execute(small, small_mask)
-    log_bias = corrector.GetLogBiasFieldAsImage(positive)
-    return sitk.Cast(positive / sitk.Exp(log_bias), sitk.sitkFloat32)
+    small = sitk.Shrink(positive, factors)
+    corrector.Execute(small, sitk.Shrink(mask, factors))
+    return corrector, offset, small
+
+
+def n4_correct(image: sitk.Image, shrink: int = 4, iterations=(50, 50, 30)) -> sitk.Image:
+    """N4 bias-field correction fitted on a shrunk copy; the field is evaluated at full resolution."""
+    corrector, offset, _ = n4_fit(image, shrink, iterations)
+    positive = sitk.Cast(image, sitk.sitkFloat32) + offset
+    return sitk.Cast(positive / sitk.Exp(corrector.GetLogBiasFieldAsImage(positive)), sitk.sitkFloat32)
 
 
 def smooth(image: sitk.Image, method: str = "curvature", iterations: int = 5, conductance: float = 1.0) -> sitk.Image:
@@ -196,7 +208,11 @@ class NyulStandardizer:
 
 # ----------------------------------------------------------------------------------------------- pipeline
 def filtered_on_grid(image: sitk.Image, roi: ROI, grid: RoiGrid, cfg: PreprocessConfig, name: str, timing: dict) -> np.ndarray:
-    """Crop → N4 → smoothing → (antialias) → resample onto the grid. Returns (slices, rows, cols)."""
+    """Crop → N4 (fitted on the shrunk crop) → resample onto the grid → smoothing. (slices, rows, cols).
+
+    The bias field is evaluated directly on the ROI grid and the edge-preserving smoothing runs on the
+    grid too: both cost milliseconds there, against seconds on the native crop.
+    """
     t = time.perf_counter()
     if coverage(image, grid) < cfg.min_coverage:
         raise IPMNError(
@@ -205,20 +221,22 @@ def filtered_on_grid(image: sitk.Image, roi: ROI, grid: RoiGrid, cfg: Preprocess
         )
     crop = crop_to_roi(image, roi, cfg.margin_mm, name=name.upper())
     timing[f"{name}_crop"] = time.perf_counter() - t
+    t = time.perf_counter()
+    source = antialias(crop, grid) if cfg.antialias else crop
+    on_grid = resample_to_grid(source, grid)
+    timing[f"{name}_resample"] = time.perf_counter() - t
     if cfg.n4:
         t = time.perf_counter()
-        crop = n4_correct(crop, cfg.n4_shrink, cfg.n4_iterations)
+        corrector, offset, small = n4_fit(crop, cfg.n4_shrink, cfg.n4_iterations)
+        # The field is smooth: evaluate it on the shrunk crop, interpolate it onto the grid.
+        log_bias = resample_to_grid(corrector.GetLogBiasFieldAsImage(small), grid, default=0.0)
+        on_grid = sitk.Cast((on_grid + offset) / sitk.Exp(log_bias), sitk.sitkFloat32)
         timing[f"{name}_n4"] = time.perf_counter() - t
     if cfg.smoothing != "none":
         t = time.perf_counter()
-        crop = smooth(crop, cfg.smoothing, cfg.smoothing_iterations, cfg.smoothing_conductance)
+        on_grid = smooth(on_grid, cfg.smoothing, cfg.smoothing_iterations, cfg.smoothing_conductance)
         timing[f"{name}_smooth"] = time.perf_counter() - t
-    t = time.perf_counter()
-    if cfg.antialias:
-        crop = antialias(crop, grid)
-    out = sitk.GetArrayFromImage(resample_to_grid(crop, grid))
-    timing[f"{name}_resample"] = time.perf_counter() - t
-    return out
+    return sitk.GetArrayFromImage(on_grid)
 
 
 def standardize_array(array: np.ndarray, modality: str, cfg: PreprocessConfig, landmarks: dict | None = None) -> np.ndarray:
