@@ -263,8 +263,8 @@ class Predictor:
         from ipmn.explain import deletion_curve
 
         x = torch.from_numpy(image[None]).to(self.device)
-        with self._autocast():
-            curve = deletion_curve(self.models[0], x, torch.from_numpy(saliency), pred)
+        with torch.inference_mode(), self._autocast():
+            curve = deletion_curve(self.models[0], x, torch.from_numpy(saliency), pred, steps=8)
         return {"auc_saliency": float(curve["auc_saliency"]), "auc_random": float(curve["auc_random"])}
 
     def _write(self, out: Path, result, heat, labels, image: np.ndarray, saliency: np.ndarray):

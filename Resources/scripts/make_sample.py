@@ -1,5 +1,6 @@
 """Write the bundled sample phantom case (Resources/SampleData). Reproducible: `make sample-data`."""
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -21,6 +22,8 @@ def main(out="Resources/SampleData"):
                 "mask": paths["mask"].name, "label": info["label"], "seed": SEED, "findings": findings,
                 "note": "synthetic phantom made by ipmn.phantoms; not patient data", "truth": info},
                out / "sample.json")
+    sums = "".join(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}\n" for p in sorted(out.glob("sample_*")))
+    (out / "SHA256SUMS").write_text(sums)
     print(json.dumps(info))
 
 
