@@ -191,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", choices=["central", "all"], default="all")
     p.set_defaults(func=cmd_demo)
 
+    from ipmn import cli_train
+
+    cli_train.register(sub)  # train, cv, cv-report
+
     p = sub.add_parser("cohort", help="validate a cohort (manifest CSV or Cyst-X folder) and print its summary")
     p.add_argument("cohort")
     p.add_argument("--modalities", default="t1,t2")

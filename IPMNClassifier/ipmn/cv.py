@@ -1,0 +1,640 @@
+"""Nested cross-validation (``ipmn cv``), paper section IV-C and Tables I–II.
+
+Outer folds: ``StratifiedGroupKFold`` over patients (a patient's cases never sit in two folds),
+stratified by label — jointly by label and centre when the cohort has several centres — so every outer
+test fold holds every class; ``leave_one_center_out`` makes one outer fold per centre instead
+(external validation), and ``group_by: center`` keeps whole centres together. Inner folds split each
+outer *training* set the same way. Everything chosen is chosen on inner folds only: the epoch (and, with
+``cv.select: [epoch, lr]``, the learning rate from ``cv.lr_grid``) maximising the mean inner-validation
+``train.select_metric`` (ties: lower mean validation loss), and the softmax temperature (fitted on the
+pooled inner-validation predictions at the selected epoch). The outer model is then trained on the whole
+outer training set for the selected number of epochs (same LR schedule) and evaluated once on the outer
+test fold, before and after temperature scaling.
+
+Run folder::
+
+    RUN_DIR/run.json            what this run is (config, cohort, variants) — a different run is refused
+    RUN_DIR/splits.json         written first, reused (same seed → same splits)
+    RUN_DIR/<variant>/fold_<k>/inner/lr<i>_split<j>/   inner trainings (resumable)
+    RUN_DIR/<variant>/fold_<k>/selection.json          what the inner folds chose, and on which cases
+    RUN_DIR/<variant>/fold_<k>/final/                  outer training (resumable)
+    RUN_DIR/<variant>/fold_<k>/model/                  the fold's model package
+    RUN_DIR/<variant>/fold_<k>/result.json             test predictions + metrics: the fold is finished
+    RUN_DIR/metrics.json, predictions.csv, report.html (``ipmn.report``)
+
+A finished fold (``result.json``) is never recomputed; an unfinished one resumes from its checkpoints.
+``fold=K`` runs one outer fold so that folds can run in parallel processes or cluster jobs;
+``ipmn cv-report`` merges whatever is finished. Variants (``--models``, ``--modalities``, ``--fusion``)
+share the same splits; a variant uses the cases that have its modalities.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from ipmn import CLASS_NAMES
+from ipmn.errors import IPMNError
+from ipmn.io import write_json
+
+SPLITS_VERSION = 1
+MODALITY_SETS = {"t1t2": ["t1", "t2"], "t1": ["t1"], "t2": ["t2"], "t1,t2": ["t1", "t2"]}
+
+
+# ------------------------------------------------------------------------------------------------ splits
+def _class_name(i: int) -> str:
+    return CLASS_NAMES[i] if 0 <= i < len(CLASS_NAMES) else str(i)
+
+
+def _strata(cases, use_center: bool) -> tuple[np.ndarray, str]:
+    labels = np.array([c.label for c in cases])
+    centers = sorted({c.center for c in cases if c.center})
+    if use_center and len(centers) > 1:
+        code = {c: i for i, c in enumerate(centers)}
+        return labels * len(centers) + np.array([code.get(c.center, 0) for c in cases]), "label+center"
+    return labels, "label"
+
+
+def _groups(cases, group_by: str) -> np.ndarray:
+    if group_by == "center":
+        return np.array([c.center or "-" for c in cases])
+    return np.array([c.patient_id or c.case_id for c in cases])
+
+
+def _check_class_groups(cases, groups, n_splits: int, flag: str, where: str) -> None:
+    by_class: dict[int, set] = {}
+    for c, g in zip(cases, groups, strict=True):
+        by_class.setdefault(c.label, set()).add(g)
+    if len(by_class) < 2:
+        raise IPMNError(f"{where} has fewer than two classes ({[_class_name(k) for k in by_class]}); "
+                        "cross-validation of a classifier needs at least two")
+    short = {k: len(v) for k, v in by_class.items() if len(v) < n_splits}
+    if short:
+        worst = min(short.values())
+        unit = "patients" if flag != "--group-by center" else "centres"
+        names = ", ".join(f"'{_class_name(k)}' has {v} {unit}" for k, v in sorted(short.items()))
+        opt = "--inner" if "inner" in where else "--outer"
+        if worst >= 2:
+            hint = f"use {opt} {worst} or fewer"
+        elif opt == "--inner":
+            hint = "use fewer outer folds (larger outer training sets) or add cases of that class"
+        else:
+            hint = "add cases of that class (at least two are needed)"
+        raise IPMNError(
+            f"{where}: class {names}, fewer than the {n_splits} folds asked for, so some test folds would miss it; "
+            + hint
+        )
+
+
+def _kfold(cases, n_splits: int, seed: int, group_by: str, use_center: bool, need_all_classes: bool):
+    """StratifiedGroupKFold, retried with derived seeds until every test fold holds every class."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    groups = _groups(cases, group_by)
+    classes = {c.label for c in cases}
+    tries = []
+    options = [False]
+    if use_center:
+        joint, _ = _strata(cases, True)
+        # joint label x centre strata only where every stratum can be spread over the folds
+        if np.bincount(joint).max() > 0 and min(np.bincount(joint)[np.bincount(joint) > 0]) >= n_splits:
+            options = [True, False]
+    for strat_center in options:
+        y, how = _strata(cases, strat_center)
+        for attempt in range(20):
+            rs = int(seed) * 1009 + attempt
+            sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=rs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # class counts are checked with clearer messages
+                folds = [(tr.tolist(), te.tolist()) for tr, te in sgkf.split(np.zeros(len(cases)), y, groups)]
+            missing = sum(len(classes - {cases[i].label for i in te}) for _, te in folds)
+            tries.append((missing, folds, how, attempt))
+            if missing == 0 or not need_all_classes:
+                return folds, how, attempt
+    missing, folds, how, attempt = min(tries, key=lambda t: t[0])
+    return folds, how, attempt
+
+
+def make_splits(cases, outer: int = 10, inner: int = 3, seed: int = 0, group_by: str = "patient",
+                leave_one_center_out: bool = False, stratify_center: bool = True) -> dict:
+    """Nested, patient-level splits as a JSON-able dict (case ids, not indices)."""
+    cases = list(cases)
+    if not cases:
+        raise IPMNError("the cohort has no cases")
+    centers = sorted({c.center for c in cases if c.center})
+    if leave_one_center_out:
+        if len(centers) < 2:
+            raise IPMNError("--leave-one-center-out needs a 'center' column with at least two centres "
+                            f"(found {centers or 'none'})")
+        if any(not c.center for c in cases):
+            raise IPMNError("--leave-one-center-out: some cases have no centre")
+        outer = len(centers)
+        _check_class_groups(cases, _groups(cases, "patient"), 1, "--outer", "the cohort")
+        outer_folds = [([i for i, c in enumerate(cases) if c.center != ctr], [i for i, c in enumerate(cases) if c.center == ctr])
+                       for ctr in centers]
+        how, attempt = "centre", 0
+    else:
+        if group_by == "center" and len(centers) < outer:
+            raise IPMNError(f"--group-by center with --outer {outer} needs at least {outer} centres (found {len(centers)})")
+        _check_class_groups(cases, _groups(cases, group_by), outer,
+                            "--group-by center" if group_by == "center" else "--outer", "the cohort")
+        outer_folds, how, attempt = _kfold(cases, outer, seed, group_by, stratify_center, True)
+    folds = []
+    for k, (tr, te) in enumerate(outer_folds):
+        # patient guard: with centre-level folds a patient scanned at two centres must not train and test
+        test_patients = {cases[i].patient_id or cases[i].case_id for i in te}
+        dropped = [cases[i].case_id for i in tr if (cases[i].patient_id or cases[i].case_id) in test_patients]
+        tr = [i for i in tr if (cases[i].patient_id or cases[i].case_id) not in test_patients]
+        train_cases = [cases[i] for i in tr]
+        _check_class_groups(train_cases, _groups(train_cases, "patient"), inner, "--inner",
+                            f"the training set of outer fold {k} (inner folds)")
+        inner_folds, inner_how, inner_attempt = _kfold(train_cases, inner, seed * 7919 + k + 1, "patient",
+                                                       stratify_center, True)
+        fold = {
+            "fold": k,
+            "train": [cases[i].case_id for i in tr],
+            "test": [cases[i].case_id for i in te],
+            "inner": [{"train": [train_cases[i].case_id for i in itr], "val": [train_cases[i].case_id for i in ite]}
+                      for itr, ite in inner_folds],
+            "inner_stratified_by": inner_how,
+        }
+        if dropped:
+            fold["excluded_from_train"] = dropped
+        if leave_one_center_out:
+            fold["test_center"] = centers[k]
+        folds.append(fold)
+    splits = {
+        "version": SPLITS_VERSION,
+        "seed": int(seed),
+        "outer": int(outer),
+        "inner": int(inner),
+        "group_by": "center (leave one out)" if leave_one_center_out else group_by,
+        "leave_one_center_out": bool(leave_one_center_out),
+        "stratified_by": how,
+        "retries": int(attempt),
+        "cases": [{"case_id": c.case_id, "label": int(c.label), "patient_id": c.patient_id or c.case_id,
+                   "center": c.center} for c in cases],
+        "folds": folds,
+    }
+    verify_splits(splits)
+    return splits
+
+
+def verify_splits(splits: dict) -> list[str]:
+    """Invariants (raise on leakage): no patient in two outer test folds, test ∩ train = ∅ at both levels,
+    inner folds inside the outer training set. Returns warnings (e.g. a test fold missing a class)."""
+    info = {c["case_id"]: c for c in splits["cases"]}
+    seen_patient: dict[str, int] = {}
+    warnings = []
+    all_labels = {c["label"] for c in splits["cases"]}
+    for fold in splits["folds"]:
+        k = fold["fold"]
+        test, train = set(fold["test"]), set(fold["train"])
+        if test & train:
+            raise IPMNError(f"splits: fold {k} has cases in both train and test")
+        tp = {info[c]["patient_id"] for c in test}
+        if tp & {info[c]["patient_id"] for c in train}:
+            raise IPMNError(f"splits: fold {k} has a patient in both train and test")
+        for p in tp:
+            if p in seen_patient:
+                raise IPMNError(f"splits: patient {p} is in the test sets of folds {seen_patient[p]} and {k}")
+            seen_patient[p] = k
+        for j, inn in enumerate(fold["inner"]):
+            used = set(inn["train"]) | set(inn["val"])
+            if used & test:
+                raise IPMNError(f"splits: inner fold {j} of outer fold {k} touches the outer test fold")
+            if not used <= train:
+                raise IPMNError(f"splits: inner fold {j} of outer fold {k} uses cases outside the outer training set")
+        missing = all_labels - {info[c]["label"] for c in test}
+        if missing and not splits.get("leave_one_center_out"):
+            warnings.append(f"outer test fold {k} has no {', '.join(_class_name(m) for m in sorted(missing))} case")
+    return warnings
+
+
+def load_or_make_splits(run_dir: Path, cases, cv: dict, splits: dict | None = None) -> dict:
+    """The run's splits.json (checked against the cohort), or new splits written there first."""
+    path = Path(run_dir) / "splits.json"
+    ids = [c.case_id for c in cases]
+    if path.exists():
+        splits = json.loads(path.read_text(encoding="utf-8"))
+        stored = [c["case_id"] for c in splits["cases"]]
+        if stored != ids or [c["label"] for c in splits["cases"]] != [int(c.label) for c in cases]:
+            raise IPMNError(f"{path} was made for a different cohort; use another --out or --overwrite")
+        return splits
+    if splits is None:
+        splits = make_splits(cases, cv["outer"], cv["inner"], cv["seed"], cv["group_by"], cv["leave_one_center_out"],
+                             cv["stratify_center"])
+    write_json(splits, path)
+    return splits
+
+
+# ------------------------------------------------------------------------------------------------ variants
+def _safe_name(text: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"
+
+
+def make_variants(cfg: dict, models=None, modalities=None, fusions=None) -> list[dict]:
+    """The (arch, modalities, fusion) combinations to cross-validate on the same splits."""
+    from ipmn.models import VIT_OVERRIDES, is_vit_arch, normalize_config
+    from ipmn.train import MODEL_ALIASES
+
+    base = cfg["model"]
+    archs = [MODEL_ALIASES.get(m, m) for m in (models or [base["arch"]])]
+    mod_sets = []
+    for m in modalities or ["+".join(base["modalities"])]:
+        key = str(m).lower().replace("+", "")
+        if key not in MODALITY_SETS and key.replace(",", "") not in MODALITY_SETS:
+            raise IPMNError(f"--modalities must be t1t2, t1 or t2 (got {m!r})")
+        mod_sets.append(MODALITY_SETS.get(key) or MODALITY_SETS[key.replace(",", "")])
+    fus = list(fusions or [base["fusion"]])
+    for f in fus:
+        if f not in ("early", "late"):
+            raise IPMNError(f"--fusion must be early or late (got {f!r})")
+    out, seen = [], set()
+    for arch in archs:
+        vit = is_vit_arch(arch)
+        for mods in mod_sets:
+            for f in fus:
+                f_eff = f if len(mods) == 2 else "early"
+                if f_eff == "late" and not vit:
+                    raise IPMNError(f"late fusion is available for ViTs only, not {arch}")
+                key = (arch, tuple(mods), f_eff)
+                if key in seen:
+                    continue
+                seen.add(key)
+                m = dict(base, arch=arch, modalities=list(mods), fusion=f_eff)
+                if arch != base["arch"]:
+                    if not vit:
+                        for o in VIT_OVERRIDES:
+                            m[o] = None
+                    if m.get("pretrained") not in (None, "hub"):
+                        m["pretrained"] = None
+                out.append({"arch": arch, "modalities": list(mods), "fusion": f_eff, "model": normalize_config(m)})
+    several_inputs = len({(tuple(v["modalities"]), v["fusion"]) for v in out}) > 1
+    for v in out:
+        name = v["arch"]
+        if several_inputs:
+            name += "-" + "".join(v["modalities"]) + ("-" + v["fusion"] if len(v["modalities"]) == 2 else "")
+        v["name"] = _safe_name(name)
+        v["label"] = _variant_label(v, several_inputs, len({x["arch"] for x in out}) > 1)
+    return out
+
+
+def _variant_label(v: dict, inputs: bool, archs: bool) -> str:
+    mods = "+".join(m.upper() for m in v["modalities"])
+    text = v["arch"] if archs or not inputs else ""
+    if inputs:
+        inp = mods + (f" {v['fusion']} fusion" if len(v["modalities"]) == 2 else "")
+        text = f"{text} {inp}".strip()
+    return text
+
+
+# ------------------------------------------------------------------------------------------------ run folder
+def _run_identity(cfg: dict, variants: list, cases, cohort_spec) -> dict:
+    from ipmn.train import config_digest
+
+    ident = {
+        "config": {k: cfg[k] for k in ("preprocess", "train", "data")} | {"cv": {k: v for k, v in cfg["cv"].items() if k != "examples"}},
+        "variants": [{"name": v["name"], "model": v["model"]} for v in variants],
+        "cases": [(c.case_id, int(c.label), c.patient_id, c.center) for c in cases],
+    }
+    return {"fingerprint": config_digest(ident), **ident}
+
+
+def prepare_run_dir(run_dir: Path, identity: dict, resume: bool, overwrite: bool, extra: dict) -> dict | None:
+    """Create / check the run folder. Returns the stored run.json when continuing a different run (--resume)."""
+    run_dir = Path(run_dir)
+    run_json = run_dir / "run.json"
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not run_json.exists():
+            raise IPMNError(f"{run_dir} is not empty and is not an ipmn cv run folder; choose another --out")
+        try:
+            stored = json.loads(run_json.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise IPMNError(f"{run_json} is damaged; pass --overwrite to restart the run") from exc
+        if stored.get("kind") != "ipmn-cv":
+            raise IPMNError(f"{run_dir} holds something else than a cv run ({stored.get('kind')}); choose another --out")
+        if stored.get("fingerprint") == identity["fingerprint"] and not overwrite:
+            return None
+        if overwrite:
+            shutil.rmtree(run_dir)
+        elif resume:
+            return stored
+        else:
+            raise IPMNError(
+                f"{run_dir} holds a different cv run (other settings or cohort); pass --resume to continue that run "
+                "with its own settings, --overwrite to replace it, or choose another --out"
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json({"kind": "ipmn-cv", **identity, **extra, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, run_json)
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ one fold
+def _select(curves: list[dict], metric: str) -> dict:
+    """Choose (lr, epoch) from inner curves: ``curves[i] = {"lr", "runs": [history lists]}``."""
+    best = None
+    table = []
+    for cand in curves:
+        runs = cand["runs"]
+        n = min(len(h) for h in runs)
+        for e in range(n):
+            if metric == "loss":
+                main = -float(np.mean([h[e]["val_loss"] for h in runs]))
+            else:
+                key = {"balanced_accuracy": "val_balanced_accuracy", "accuracy": "val_acc",
+                       "macro_auc": "val_macro_auc"}[metric]
+                vals = [h[e].get(key) for h in runs]
+                vals = [v if v is not None and math.isfinite(v) else 0.0 for v in vals]
+                main = float(np.mean(vals))
+            loss = float(np.mean([h[e]["val_loss"] for h in runs]))
+            table.append({"lr": cand["lr"], "epoch": e + 1, "score": main, "val_loss": loss})
+            key_t = (main, -loss)
+            if best is None or key_t > best[0]:
+                best = (key_t, cand["lr"], e + 1, cand["index"])
+    return {"lr": best[1], "epoch": best[2], "lr_index": best[3], "table": table}
+
+
+def run_fold(run_dir: Path, variant: dict, cfg: dict, splits: dict, fold: int, cases_by_id: dict, grids: dict,
+             device="cpu", progress=None, cohort_info=None) -> dict:
+    """Run (or resume) one outer fold of one variant; returns its result (also in result.json)."""
+    from ipmn.metrics import classification_metrics, fit_temperature, softmax
+    from ipmn.models import load_package
+    from ipmn.progress import Progress
+    from ipmn.train import autocast_for, dist_info, predict_cases, prepare_arrays, resolve_device, train_model
+
+    progress = progress or Progress("none")
+    rank, world, local_rank = dist_info()
+    fold_dir = Path(run_dir) / variant["name"] / f"fold_{fold}"
+    result_path = fold_dir / "result.json"
+    if result_path.exists():
+        try:
+            return json.loads(result_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            pass  # damaged: redo the evaluation (trainings resume from their finished state)
+    spec = splits["folds"][fold]
+    mods = variant["modalities"]
+
+    def usable(ids):
+        return [cases_by_id[i] for i in ids if all(cases_by_id[i].has(m) for m in mods)]
+
+    vcfg = copy.deepcopy(cfg)
+    vcfg["model"] = variant["model"]
+    cvc = cfg["cv"]
+    lrs = list(cvc["lr_grid"]) if "lr" in cvc["select"] else [cfg["train"]["lr"]]
+    fold_progress = progress.child(model=variant["name"], fold=fold)
+    fold_progress.stage("fold", f"outer fold {fold}: {len(spec['inner'])} inner fold(s) x {len(lrs)} lr")
+
+    # ---- inner folds: curves for every candidate lr, on the outer training set only
+    curves, used = [], []
+    for i, lr in enumerate(lrs):
+        runs = []
+        for j, inn in enumerate(spec["inner"]):
+            icfg = copy.deepcopy(vcfg)
+            icfg["train"]["lr"] = float(lr)
+            tr, va = usable(inn["train"]), usable(inn["val"])
+            summary = train_model(tr, icfg, fold_dir / "inner" / f"lr{i}_split{j}", val_cases=va, device=device,
+                                  progress=fold_progress.child(inner=j, lr=lr), resume=True, package_dir=False,
+                                  grids=grids, keep_val_logits=True)
+            runs.append(summary["history"])
+            used.append({"lr": lr, "inner": j, "train": summary["train_cases"], "val": summary["val_cases"]})
+        curves.append({"lr": lr, "index": i, "runs": runs})
+    sel = _select(curves, cfg["train"]["select_metric"])
+    # temperature: pooled inner-validation predictions at the selected (lr, epoch)
+    logits, ys = [], []
+    for j in range(len(spec["inner"])):
+        hist = curves[sel["lr_index"]]["runs"][j]
+        logits.extend(hist[sel["epoch"] - 1]["val_logits"])
+        ys.extend(cases_by_id[c].label for c in used[sel["lr_index"] * len(spec["inner"]) + j]["val"])
+    temperature = fit_temperature(np.array(logits), np.array(ys)) if cvc["temperature"] and logits else 1.0
+    selection = {"fold": fold, "variant": variant["name"], "metric": cfg["train"]["select_metric"],
+                 "selected": {"lr": sel["lr"], "epoch": sel["epoch"]}, "temperature": temperature,
+                 "temperature_fitted_on": f"{len(ys)} pooled inner-validation predictions",
+                 "candidates": sel["table"], "inner_used": used,
+                 "outer_test": spec["test"]}
+    if rank == 0:
+        write_json(selection, fold_dir / "selection.json")
+
+    # ---- the outer model: whole outer training set, selected lr and epoch, evaluated once
+    fcfg = copy.deepcopy(vcfg)
+    fcfg["train"]["lr"] = float(sel["lr"])
+    train_cases, test_cases = usable(spec["train"]), usable(spec["test"])
+    final = train_model(train_cases, fcfg, fold_dir / "final", val_cases=None, device=device,
+                        progress=fold_progress.child(stage="final"), resume=True, package_dir=fold_dir / "model",
+                        stop_epoch=sel["epoch"], grids=grids, cohort_info=cohort_info)
+    if rank != 0:
+        return {"fold": fold, "variant": variant["name"], "rank": rank}
+
+    dev = resolve_device(device, local_rank)
+    model, pkg = load_package(fold_dir / "model", device=str(dev))
+    arrays = prepare_arrays(test_cases, grids, fcfg, final["landmarks"])
+    amp_ctx, _ = autocast_for(cfg["train"]["amp"], dev)
+    k = variant["model"]["k"]
+    logp = predict_cases(model, [arrays[c.case_id] for c in test_cases], k, cfg["train"]["val_windows"], dev,
+                         amp_ctx, stride=cfg["train"]["window_stride"])
+    y = np.array([c.label for c in test_cases], dtype=int)
+    nc = variant["model"]["num_classes"]
+    probs = np.exp(logp) if len(test_cases) else np.zeros((0, nc))
+    probs_t = softmax(logp, temperature) if len(test_cases) else np.zeros((0, nc))
+    metrics = classification_metrics(y, probs, nc)
+    metrics_t = classification_metrics(y, probs_t, nc)
+    examples = _examples(fold_dir, model, test_cases, arrays, probs, variant, cvc["examples"], pkg)
+    result = {
+        "fold": fold,
+        "variant": variant["name"],
+        "label": variant["label"],
+        "arch": variant["arch"],
+        "modalities": mods,
+        "fusion": variant["fusion"],
+        "selected": selection["selected"],
+        "temperature": temperature,
+        "metrics": metrics,
+        "metrics_calibrated": metrics_t,
+        "n_train": len(train_cases),
+        "n_test": len(test_cases),
+        "n_excluded": len(spec["train"]) + len(spec["test"]) - len(train_cases) - len(test_cases),
+        "test_center": spec.get("test_center"),
+        "predictions": [
+            {"case_id": c.case_id, "true": int(c.label), "probs": [float(v) for v in probs[i]],
+             "probs_calibrated": [float(v) for v in probs_t[i]]}
+            for i, c in enumerate(test_cases)
+        ],
+        "final_history": [{k2: v for k2, v in h.items() if k2 != "val_logits"} for h in final["history"]],
+        "inner_curves": [{"lr": c["lr"], "runs": [[{k2: v for k2, v in h.items() if k2 != "val_logits"} for h in r]
+                                                  for r in c["runs"]]} for c in curves],
+        "examples": examples,
+        "class_names": variant["model"]["class_names"],
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    write_json(result, result_path)
+    fold_progress.fold_done(fold, {k2: metrics[k2] for k2 in ("accuracy", "balanced_accuracy", "macro_precision",
+                                                            "macro_recall", "macro_f1", "macro_auc", "ece")},
+                            ece_calibrated=metrics_t["ece"], selected_epoch=sel["epoch"], selected_lr=sel["lr"])
+    return result
+
+
+def _examples(fold_dir: Path, model, test_cases, arrays, probs, variant, n: int, pkg: dict) -> list[dict]:
+    """A few test grids with their explanation maps (rollout for ViTs): correct and wrong, each class."""
+    if n <= 0 or not test_cases:
+        return []
+    import torch
+
+    from ipmn.grid import case_windows
+
+    pred = probs.argmax(axis=1)
+    order = []
+    for c in sorted({tc.label for tc in test_cases}):  # one correct per class first, then mistakes
+        idx = [i for i, tc in enumerate(test_cases) if tc.label == c and pred[i] == c]
+        if idx:
+            order.append(idx[0])
+    order += [i for i, tc in enumerate(test_cases) if pred[i] != tc.label and i not in order]
+    order += [i for i in range(len(test_cases)) if i not in order]
+    names = variant["model"]["class_names"]
+    out = []
+    try:
+        from ipmn.explain import explain
+        from ipmn.render import grid_png
+
+        k = variant["model"]["k"]
+        for i in order[:n]:
+            c = test_cases[i]
+            starts, w = case_windows(arrays[c.case_id], k, "central", pad=True)
+            x = torch.from_numpy(w[:1])
+            _, maps = explain(model, x.to(next(model.parameters()).device))
+            dest = fold_dir / "examples" / f"{c.case_id}.png"
+            title = (f"{c.case_id}: true {names[c.label]}, predicted {names[int(pred[i])]} "
+                     f"(p={probs[i, int(pred[i])]:.2f}); slices {starts[0]}-{starts[0] + k - 1}")
+            grid_png(dest, w[0], variant["modalities"], maps[0].detach().float().cpu().numpy(), title, k)
+            out.append({"case_id": c.case_id, "true": int(c.label), "pred": int(pred[i]),
+                        "png": str(dest.relative_to(fold_dir.parent.parent))})
+    except Exception as exc:  # noqa: BLE001 - a figure never fails a fold
+        import sys
+
+        print(f"ipmn: warning: could not draw example grids for {fold_dir}: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the run
+def run_cv(cases, config, run_dir, models=None, modalities=None, fusions=None, fold: int | None = None,
+           device: str = "cpu", progress=None, resume: bool = False, overwrite: bool = False,
+           cohort_spec=None, cohort_info: dict | None = None, report: bool = True) -> dict:
+    """Nested CV over ``cases``; returns ``{"run_dir", "variants", "results", "complete"}``.
+
+    ``config``: raw or resolved config (its ``cv`` section gives outer/inner/seed/...). ``fold``: run only
+    that outer fold. With ``resume`` a folder holding a different run is continued with *its* settings.
+    """
+    from ipmn.cohort import summarize
+    from ipmn.progress import Progress
+    from ipmn.train import _is_resolved, check_labels, dist_info, load_grids, resolve_config
+
+    progress = progress or Progress("none")
+    run_dir = Path(run_dir)
+    cfg = config if _is_resolved(config) else resolve_config(config)
+    cases = list(cases)
+    check_labels(cases, cfg["model"]["num_classes"], "the cohort")
+    variants = make_variants(cfg, models, modalities, fusions)
+    identity = _run_identity(cfg, variants, cases, cohort_spec)
+    rank, world, _ = dist_info()
+    if rank != 0:
+        progress = Progress("none")
+    extra = {"cohort_spec": str(cohort_spec) if cohort_spec else None, "cohort_info": cohort_info or {},
+             "models": models, "modalities": modalities, "fusions": fusions, "resolved_config": cfg,
+             "variants_full": variants, "cohort": summarize(cases)}
+    # splits are checked (class counts, centres, --fold) before anything is written
+    fresh = None
+    if overwrite or not (run_dir / "splits.json").exists():
+        cvc = cfg["cv"]
+        fresh = make_splits(cases, cvc["outer"], cvc["inner"], cvc["seed"], cvc["group_by"],
+                            cvc["leave_one_center_out"], cvc["stratify_center"])
+        if fold is not None and not 0 <= fold < len(fresh["folds"]):
+            raise IPMNError(f"--fold {fold} does not exist: this run has folds 0-{len(fresh['folds']) - 1}")
+    stored = None
+    if rank == 0:
+        stored = prepare_run_dir(run_dir, identity, resume, overwrite, extra)
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            from ipmn.train import resolve_device
+
+            dist.init_process_group("nccl" if resolve_device(device).type == "cuda" else "gloo")
+        dist.barrier()
+        stored = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+        if stored.get("fingerprint") == identity["fingerprint"]:
+            stored = None
+    if stored is not None:
+        progress.warn(f"{run_dir} holds a different run; continuing it with its own settings (--resume)")
+        cfg = stored["resolved_config"]
+        variants = stored["variants_full"]
+        ids = [c[0] for c in stored["cases"]]
+        by_id = {c.case_id: c for c in cases}
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            raise IPMNError(f"--resume: the stored run uses case(s) not in this cohort: {missing[:5]}")
+        cases = [by_id[i] for i in ids]
+        cohort_info = stored.get("cohort_info") or cohort_info
+
+    splits = None
+    if rank == 0:
+        splits = load_or_make_splits(run_dir, cases, cfg["cv"], None if stored is not None else fresh)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        splits = json.loads((run_dir / "splits.json").read_text(encoding="utf-8"))
+    for w in verify_splits(splits):
+        progress.warn(w)
+    n_folds = len(splits["folds"])
+    if fold is not None and not 0 <= fold < n_folds:
+        raise IPMNError(f"--fold {fold} does not exist: this run has folds 0-{n_folds - 1}")
+    folds = [fold] if fold is not None else list(range(n_folds))
+    progress.stage("cv", f"{len(variants)} variant(s) x {len(folds)} outer fold(s) of {n_folds} "
+                   f"(inner {splits['inner']}), run folder {run_dir}", variants=[v["name"] for v in variants],
+                   folds=folds)
+    cases_by_id = {c.case_id: c for c in cases}
+    results = {}
+    for v in variants:
+        usable_cases = [c for c in cases if all(c.has(m) for m in v["modalities"])]
+        skipped = len(cases) - len(usable_cases)
+        if skipped:
+            progress.warn(f"{v['name']}: {skipped} case(s) lack {'/'.join(m.upper() for m in v['modalities'])} "
+                          f"and are left out of this variant ({len(usable_cases)} used)")
+        todo = [k for k in folds if not (run_dir / v["name"] / f"fold_{k}" / "result.json").exists()]
+        vcfg = copy.deepcopy(cfg)
+        vcfg["model"] = v["model"]
+        grids = load_grids(usable_cases, vcfg, progress) if todo else {}
+        for k in folds:
+            results[(v["name"], k)] = run_fold(run_dir, v, cfg, splits, k, cases_by_id, grids, device, progress,
+                                               cohort_info)
+    complete = all((run_dir / v["name"] / f"fold_{k}" / "result.json").exists()
+                   for v in variants for k in range(n_folds))
+    out = {"run_dir": str(run_dir), "variants": [v["name"] for v in variants], "complete": complete,
+           "results": {f"{n}/fold_{k}": r.get("metrics") for (n, k), r in results.items()}}
+    if rank == 0 and report:
+        from ipmn.report import write_report
+
+        out["report"] = write_report(run_dir, progress=progress)
+    return out
+
+
+def fold_counts(splits: dict) -> list[dict]:
+    """Per outer fold: class counts of train and test (for the report)."""
+    labels = {c["case_id"]: c["label"] for c in splits["cases"]}
+    rows = []
+    for f in splits["folds"]:
+        tr, te = Counter(labels[i] for i in f["train"]), Counter(labels[i] for i in f["test"])
+        classes = sorted(set(tr) | set(te))
+        rows.append({"fold": f["fold"], "train": {_class_name(c): tr.get(c, 0) for c in classes},
+                     "test": {_class_name(c): te.get(c, 0) for c in classes}, "test_center": f.get("test_center")})
+    return rows

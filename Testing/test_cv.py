@@ -1,0 +1,425 @@
+"""Nested cross-validation: leakage-free splits, a short real CV run with every output, resume, bad input.
+
+Real phantoms and a 2-layer ViT (96 wide, 192 px); the learning test (``slow``) trains longer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ipmn.errors import IPMNError
+
+TINY = {
+    "model": {"arch": "vit_tiny_patch16_224", "depth": 2, "embed_dim": 96, "num_heads": 3},
+    "preprocess": {"n4": False, "smoothing": "none"},
+    "train": {
+        "epochs": 2,
+        "optimizer": "adamw",
+        "lr": 1e-3,
+        "windows_per_case": 2,
+        "batch_size": 8,
+        "seed": 1,
+    },
+    "cv": {"outer": 2, "inner": 2, "seed": 3, "examples": 2},
+}
+
+
+def shared_cohort(tmp_path_factory) -> Path:
+    """18 phantoms (6 per class, 2 centres), written once per session (test_train.py makes the same one)."""
+    from ipmn.phantoms import make_cohort
+
+    base = tmp_path_factory.getbasetemp() / "ipmn_phantoms18"
+    manifest = base / "cohort.csv"
+    if not manifest.exists():
+        make_cohort(base, n=18, seed=5, centers=2)
+    return manifest
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def grouped_manifest(tmp_path_factory):
+    """The phantom cohort with a patient_id column: within each class, two pairs of cases share a patient."""
+    manifest = shared_cohort(tmp_path_factory)
+    rows = list(csv.DictReader(open(manifest, newline="")))
+    seen: dict[str, int] = {}
+    for r in rows:
+        i = seen.get(r["label"], 0)
+        seen[r["label"]] = i + 1
+        r["patient_id"] = f"P-{r['label']}-{i // 2}" if i < 4 else f"P-{r['case_id']}"
+    out = manifest.parent / "cohort_grouped.csv"
+    with open(out, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return out
+
+
+@pytest.fixture(scope="session")
+def cases(grouped_manifest):
+    from ipmn.cohort import load_cohort
+
+    return load_cohort(grouped_manifest)
+
+
+def tiny(tmp_path_factory, **train) -> dict:
+    cfg = copy.deepcopy(TINY)
+    cfg["train"].update(train)
+    cfg["data"] = {"cache_dir": str(tmp_path_factory.getbasetemp() / "ipmn_grid_cache")}
+    return cfg
+
+
+def _cli(argv):
+    from ipmn import cli_train
+
+    parser = argparse.ArgumentParser(prog="ipmn")
+    cli_train.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args([str(a) for a in argv])
+    return args.func(args)
+
+
+# ------------------------------------------------------------------------------------------------ splits
+def _check_no_leak(splits, cases):
+    by_id = {c.case_id: c for c in cases}
+    test_patients = {}
+    for f in splits["folds"]:
+        test, train = set(f["test"]), set(f["train"])
+        assert not test & train and test | train | set(f.get("excluded_from_train", [])) == set(by_id)
+        for cid in test:
+            p = by_id[cid].patient_id
+            assert test_patients.setdefault(p, f["fold"]) == f["fold"], f"patient {p} in two outer test folds"
+        train_patients = {by_id[c].patient_id for c in train}
+        assert not train_patients & {by_id[c].patient_id for c in test}
+        for inner in f["inner"]:
+            assert not (set(inner["train"]) | set(inner["val"])) & test
+            assert set(inner["train"]) | set(inner["val"]) == train
+            assert not {by_id[c].patient_id for c in inner["train"]} & {
+                by_id[c].patient_id for c in inner["val"]
+            }
+
+
+@pytest.mark.parametrize("outer, inner", [(2, 2), (3, 2)])
+def test_splits_are_patient_level_stratified_and_reproducible(cases, outer, inner):
+    from ipmn.cv import make_splits
+
+    s = make_splits(cases, outer, inner, seed=11)
+    _check_no_leak(s, cases)
+    labels = {c.case_id: c.label for c in cases}
+    for f in s["folds"]:
+        assert {labels[c] for c in f["test"]} == {0, 1, 2}, "every outer test fold holds every class"
+    assert s == make_splits(cases, outer, inner, seed=11)
+    assert s["folds"] != make_splits(cases, outer, inner, seed=12)["folds"]
+    assert len({c.patient_id for c in cases}) < len(cases)  # the grouping is really exercised
+
+
+def test_leave_one_center_out_and_group_by_center(tmp_path_factory):
+    from ipmn.cohort import load_cohort
+    from ipmn.cv import make_splits
+
+    cases = load_cohort(shared_cohort(tmp_path_factory))  # one case per patient: enough per centre
+
+    s = make_splits(cases, inner=2, leave_one_center_out=True)
+    assert [f["test_center"] for f in s["folds"]] == ["A", "B"]
+    by_id = {c.case_id: c for c in cases}
+    for f in s["folds"]:
+        assert {by_id[c].center for c in f["test"]} == {f["test_center"]}
+        assert f["test_center"] not in {by_id[c].center for c in f["train"]}
+    _check_no_leak(s, cases)
+    g = make_splits(cases, outer=2, inner=2, group_by="center")
+    for f in g["folds"]:
+        assert not {by_id[c].center for c in f["test"]} & {by_id[c].center for c in f["train"]}
+    with pytest.raises(IPMNError, match="centres"):
+        make_splits(cases, outer=3, inner=2, group_by="center")
+
+
+def test_split_errors(cases):
+    from ipmn.cv import make_splits
+
+    with pytest.raises(IPMNError) as err:
+        make_splits(cases, outer=6, inner=2)
+    msg = str(err.value)
+    assert "'normal' has 4 patients" in msg and "--outer 4" in msg
+    with pytest.raises(IPMNError, match="--inner"):
+        make_splits(cases, outer=2, inner=4)
+    with pytest.raises(IPMNError, match="fewer than two classes"):
+        make_splits([c for c in cases if c.label == 2], outer=2, inner=2)
+    with pytest.raises(IPMNError, match="at least two centres"):
+        make_splits([c for c in cases if c.center == "A"], inner=2, leave_one_center_out=True)
+
+
+# ------------------------------------------------------------------------------------------------ a real CV run
+@pytest.fixture(scope="module")
+def cv_run(cases, grouped_manifest, tmp_path_factory):
+    """2 outer x 2 inner folds, run as a killed fold, resumed, then the other fold in its own call."""
+    import ipmn.cv as cvmod
+    from ipmn.cv import run_cv
+
+    run = tmp_path_factory.mktemp("cv") / "run"
+    cfg = tiny(tmp_path_factory)
+    info = {"synthetic": True, "source": str(grouped_manifest)}
+    real_train = cvmod.__dict__.get("train_model")
+    import ipmn.train as trainmod
+
+    original = trainmod.train_model
+    calls = []
+
+    def killed_in_final(*args, **kwargs):  # the process "dies" when fold 0's outer model starts training
+        calls.append(str(args[2]))
+        if str(args[2]).endswith("fold_0/final"):
+            raise KeyboardInterrupt("simulated kill")
+        return original(*args, **kwargs)
+
+    trainmod.train_model = killed_in_final
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_cv(cases, cfg, run, fold=0, cohort_spec=grouped_manifest, cohort_info=info)
+    finally:
+        trainmod.train_model = original
+    assert real_train is None  # cv imports train_model lazily, so the patch above was effective
+    assert (run / "splits.json").exists() and not (
+        run / "vit_tiny_patch16_224" / "fold_0" / "result.json"
+    ).exists()
+    inner = sorted((run / "vit_tiny_patch16_224" / "fold_0" / "inner").glob("*/summary.json"))
+    assert len(inner) == 2
+    stamps = {p: p.stat().st_mtime_ns for p in inner}
+    partial = run_cv(cases, cfg, run, fold=0, cohort_spec=grouped_manifest, cohort_info=info)
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items()), "finished inner folds were recomputed"
+    assert not partial["complete"]
+    partial_metrics = json.loads((run / "metrics.json").read_text())
+    assert partial_metrics["complete"] is False and len(partial_metrics["folds"]) == 1
+    run_cv(cases, cfg, run, fold=1, cohort_spec=grouped_manifest, cohort_info=info)
+    return {"run": run, "cfg": cfg, "cases": cases}
+
+
+def test_cv_writes_every_output(cv_run):
+    run = cv_run["run"]
+    for name in ("run.json", "splits.json", "metrics.json", "predictions.csv", "report.html"):
+        assert (run / name).is_file(), name
+    for k in (0, 1):
+        fold = run / "vit_tiny_patch16_224" / f"fold_{k}"
+        for name in ("result.json", "selection.json", "model/config.json", "model/model.safetensors"):
+            assert (fold / name).is_file(), (k, name)
+        assert list((fold / "examples").glob("*.png"))
+    html = (run / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 5
+    assert 'src="http' not in html and "<script src" not in html and "<link" not in html
+    for needle in ("ddof = 1", "Synthetic phantoms", "Accuracy", "AUC", "ECE after T"):
+        assert needle in html, needle
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["complete"] is True and metrics["ddof"] == 1
+    assert metrics["summary"]["accuracy"]["ddof"] == 1 and len(metrics["folds"]) == 2
+    assert metrics["models"][0]["name"] == "vit_tiny_patch16_224"
+
+
+def test_metrics_recomputed_from_predictions_csv(cv_run):
+    from sklearn.metrics import (
+        accuracy_score,
+        balanced_accuracy_score,
+        f1_score,
+        precision_score,
+        recall_score,
+    )
+
+    run = cv_run["run"]
+    rows = list(csv.DictReader(open(run / "predictions.csv", newline="")))
+    assert {r["case_id"] for r in rows} == {
+        c.case_id for c in cv_run["cases"]
+    }  # every case tested exactly once
+    assert len(rows) == len(cv_run["cases"])
+    metrics = json.loads((run / "metrics.json").read_text())
+    per_fold = []
+    for f in metrics["folds"]:
+        sel = [r for r in rows if int(r["fold"]) == f["fold"]]
+        y = np.array([int(r["true"]) for r in sel])
+        p = np.array([[float(r["prob_normal"]), float(r["prob_low"]), float(r["prob_high"])] for r in sel])
+        pred = p.argmax(1)
+        expect = {
+            "accuracy": accuracy_score(y, pred),
+            "balanced_accuracy": balanced_accuracy_score(y, pred),
+            "macro_precision": precision_score(y, pred, labels=[0, 1, 2], average="macro", zero_division=0),
+            "macro_recall": recall_score(y, pred, labels=[0, 1, 2], average="macro", zero_division=0),
+            "macro_f1": f1_score(y, pred, labels=[0, 1, 2], average="macro", zero_division=0),
+        }
+        if len(set(y.tolist())) == 3:
+            from sklearn.metrics import roc_auc_score
+
+            expect["macro_auc"] = roc_auc_score(y, p, multi_class="ovr", average="macro")
+        for key, value in expect.items():
+            assert f["metrics"][key] == pytest.approx(value, abs=1e-5), (f["fold"], key)
+        per_fold.append(expect)
+    for key in ("accuracy", "balanced_accuracy", "macro_f1"):
+        values = [e[key] for e in per_fold]
+        assert metrics["summary"][key]["mean"] == pytest.approx(np.mean(values), abs=1e-5)
+        assert metrics["summary"][key]["std"] == pytest.approx(np.std(values, ddof=1), abs=1e-5)
+
+
+def test_selection_never_touches_the_outer_test_fold(cv_run):
+    run = cv_run["run"]
+    splits = json.loads((run / "splits.json").read_text())
+    _check_no_leak(splits, cv_run["cases"])
+    for f in splits["folds"]:
+        sel = json.loads((run / "vit_tiny_patch16_224" / f"fold_{f['fold']}" / "selection.json").read_text())
+        test = set(f["test"])
+        assert set(sel["outer_test"]) == test
+        assert sel["inner_used"], "inner runs recorded"
+        for used in sel["inner_used"]:  # the case ids train_model actually trained / validated on
+            assert not (set(used["train"]) | set(used["val"])) & test
+        assert 1 <= sel["selected"]["epoch"] <= cv_run["cfg"]["train"]["epochs"]
+        assert sel["temperature"] > 0
+        final = json.loads(
+            (run / "vit_tiny_patch16_224" / f"fold_{f['fold']}" / "final" / "summary.json").read_text()
+        )
+        assert set(final["train_cases"]) == set(f["train"]) and not final["val_cases"]
+        assert final["epochs_run"] == sel["selected"]["epoch"]
+
+
+def test_finished_folds_are_not_recomputed_and_report_merges(cv_run, tmp_path_factory):
+    from ipmn.cv import run_cv
+
+    run = cv_run["run"]
+    results = sorted(run.glob("*/fold_*/result.json"))
+    stamps = {p: p.stat().st_mtime_ns for p in results}
+    out = run_cv(cv_run["cases"], cv_run["cfg"], run, cohort_info={"synthetic": True})
+    assert out["complete"] and all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    before = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").unlink()
+    assert _cli(["cv-report", run, "--progress", "none"]) == 0
+    after = json.loads((run / "metrics.json").read_text())
+    assert after["summary"] == before["summary"]
+
+
+def test_a_different_run_in_the_folder_is_refused(cv_run, tmp_path):
+    from ipmn.cv import run_cv
+
+    run = cv_run["run"]
+    other = copy.deepcopy(cv_run["cfg"])
+    other["train"]["lr"] = 5e-4
+    with pytest.raises(IPMNError, match="different cv run"):
+        run_cv(cv_run["cases"], other, run)
+    # --resume continues the stored run with its own settings: everything is finished already
+    out = run_cv(cv_run["cases"], other, run, resume=True, report=False)
+    assert out["complete"]
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    for overwrite in (False, True):
+        with pytest.raises(IPMNError, match="not an ipmn cv run folder"):
+            run_cv(cv_run["cases"], other, foreign, overwrite=overwrite)
+    assert (foreign / "notes.txt").read_text() == "keep"
+
+
+def test_cv_cli_bad_input(grouped_manifest, tmp_path_factory, tmp_path):
+    import yaml
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(tiny(tmp_path_factory)))
+    out = tmp_path / "run"
+    with pytest.raises(IPMNError, match="--outer 4"):
+        _cli(["cv", "--cohort", grouped_manifest, "--config", cfg, "--out", out, "--outer", 10])
+    with pytest.raises(IPMNError, match="--fold 7 does not exist"):
+        _cli(
+            [
+                "cv",
+                "--cohort",
+                grouped_manifest,
+                "--config",
+                cfg,
+                "--out",
+                out,
+                "--fold",
+                7,
+                "--progress",
+                "none",
+            ]
+        )
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cv:\n  folds: 3\n")
+    with pytest.raises(IPMNError, match="folds"):
+        _cli(["cv", "--cohort", grouped_manifest, "--config", bad, "--out", tmp_path / "r2"])
+    with pytest.raises(IPMNError, match="--cohort is required"):
+        _cli(["cv", "--config", cfg, "--out", tmp_path / "r3"])
+    broken = tmp_path / "broken.csv"
+    broken.write_text("case_id,t1,t2,roi,label\na,nope1.nii.gz,nope2.nii.gz,r.mrk.json,low\nb,x,y,z,weird\n")
+    with pytest.raises(IPMNError) as err:
+        _cli(["cv", "--cohort", broken, "--config", cfg, "--out", tmp_path / "r4"])
+    assert "problem(s)" in str(err.value) and "weird" in str(err.value) and "nope1" in str(err.value)
+    assert (
+        not (tmp_path / "r2").exists() and not (tmp_path / "r3").exists() and not (tmp_path / "r4").exists()
+    )
+
+
+def test_table_two_variants_share_splits(cases, grouped_manifest, tmp_path_factory):
+    """--modalities t1t2 t1: Table II layout, one model list entry per input, the same splits."""
+    from ipmn.cv import run_cv
+
+    run = tmp_path_factory.mktemp("cv2") / "run"
+    cfg = tiny(tmp_path_factory, epochs=1, windows_per_case=1)
+    cfg["cv"]["examples"] = 0
+    out = run_cv(cases, cfg, run, modalities=["t1t2", "t1"], cohort_info={"synthetic": True})
+    assert out["complete"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    names = [m["name"] for m in metrics["models"]]
+    assert names == ["vit_tiny_patch16_224-t1t2-early", "vit_tiny_patch16_224-t1"]
+    assert [m["label"] for m in metrics["models"]] == ["T1+T2 early fusion", "T1"]
+    t1 = json.loads((run / names[1] / "fold_0" / "model" / "config.json").read_text())
+    assert t1["modalities"] == ["t1"]
+    rows = list(csv.DictReader(open(run / "predictions.csv", newline="")))
+    per_model = {n: {(r["case_id"], r["fold"]) for r in rows if r["model"] == n} for n in names}
+    assert per_model[names[0]] == per_model[names[1]]  # same splits
+    assert "Table II layout" in (run / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_learning_works_on_easy_phantoms(tmp_path_factory):
+    """A small ViT reaches clearly-above-chance outer-fold accuracy on phantoms (chance = 1/3)."""
+    from ipmn.cohort import load_cohort
+    from ipmn.cv import run_cv
+    from ipmn.phantoms import make_cohort
+
+    base = tmp_path_factory.mktemp("learn")
+    manifest = make_cohort(base / "cohort", n=45, seed=21)
+    cfg = {
+        "model": {"arch": "vit_tiny_patch16_224", "depth": 4, "embed_dim": 96, "num_heads": 3},
+        "preprocess": {"n4": False, "smoothing": "none"},
+        "train": {
+            "optimizer": "adamw",
+            "lr": 1e-3,
+            "weight_decay": 0.05,
+            "batch_size": 8,
+            "epochs": 30,
+            "warmup_epochs": 3,
+            "schedule": "cosine",
+            "windows_per_case": 4,
+            "grad_clip": 1.0,
+            "label_smoothing": 0.1,
+            "select_metric": "loss",
+            "val_windows": "all",
+            "seed": 0,
+        },
+        "cv": {"outer": 3, "inner": 2, "seed": 0, "examples": 1},
+        "data": {"cache_dir": str(base / "cache")},
+    }
+    out = run_cv(load_cohort(manifest), cfg, base / "run", cohort_info={"synthetic": True})
+    metrics = json.loads((base / "run" / "metrics.json").read_text())
+    acc = metrics["summary"]["accuracy"]
+    print(
+        f"\nlearning test: outer accuracy {acc['mean']:.3f} ± {acc['std']:.3f} (ddof=1), "
+        f"balanced {metrics['summary']['balanced_accuracy']['mean']:.3f}, "
+        f"AUC {metrics['summary']['macro_auc']['mean']:.3f}"
+    )
+    assert out["complete"]
+    assert acc["mean"] >= 0.5  # chance is 1/3
