@@ -32,8 +32,21 @@ test-slow: venv
 lint: venv
 	$(BIN)/ruff check IPMNClassifier IPMNTrainer Testing
 
+## Benchmarks (not part of make test): prints tables, writes bench-*.json
 bench: venv
-	$(BIN)/python Testing/Benchmarks/run_all.py
+	$(BIN)/python Testing/Benchmarks/bench_predict.py --out bench-predict.json
+	$(BIN)/python Testing/Benchmarks/bench_train.py --out bench-train.json
+
+## Rebuild the shipped demo model (synthetic phantoms only; ~15 min on a 2-core CPU)
+DEMO_COHORT := build/demo-cohort
+demo-model: venv
+	$(BIN)/ipmn phantoms --n 180 --seed 2 --out $(DEMO_COHORT) --quiet
+	IPMN_CACHE_DIR=build/cache $(BIN)/ipmn train --cohort $(DEMO_COHORT)/cohort.csv --config demo \
+	  --out Resources/DemoModel --work-dir build/demo-train --device cpu --overwrite
+
+## Rebuild the bundled sample case (Resources/SampleData)
+sample-data: venv
+	$(BIN)/python Resources/scripts/make_sample.py Resources/SampleData
 
 clean:
-	rm -rf ipmn-demo .pytest_cache
+	rm -rf ipmn-demo .pytest_cache build

@@ -512,3 +512,12 @@ def test_package_refusals(tmp_path, tiny_model):
 def test_hub_weights_without_network_is_a_clear_error(no_network):
     with pytest.raises(IPMNError, match="network access"):
         build_model(dict(TINY, pretrained="hub"))
+
+
+def test_short_arch_names_resolve_to_timm_names():
+    from ipmn.models import normalize_config
+
+    assert normalize_config({"arch": "vit_tiny"})["arch"] == "vit_tiny_patch16_224"
+    assert normalize_config({"arch": "mobilenet_v2"})["arch"] == "mobilenetv2_100"
+    with pytest.raises(IPMNError, match="unknown arch"):
+        normalize_config({"arch": "vit_gigantic_typo"})

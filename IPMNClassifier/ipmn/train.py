@@ -913,7 +913,16 @@ def _train_model(cases, config, out_dir, val_cases, device, progress, resume, pa
         model.train()
         loss_sum = torch.zeros((), dtype=torch.float64)
         n_seen = 0
-        for x, y in loader:
+        data_wait = 0.0  # time the step waits for the loader (benchmarks: data must not be the bottleneck)
+        t_train = time.perf_counter()
+        batches = iter(loader)
+        while True:
+            t_wait = time.perf_counter()
+            try:
+                x, y = next(batches)
+            except StopIteration:
+                break
+            data_wait += time.perf_counter() - t_wait
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             with amp_ctx:
@@ -944,7 +953,10 @@ def _train_model(cases, config, out_dir, val_cases, device, progress, resume, pa
             train_loss = float(buf[0] / max(buf[1], 1))
         else:
             train_loss = float(loss_sum) / max(n_seen, 1)
-        entry = {"epoch": epoch, "train_loss": train_loss, "lr": float(optimizer.param_groups[0]["lr"])}
+        train_s = time.perf_counter() - t_train
+        entry = {"epoch": epoch, "train_loss": train_loss, "lr": float(optimizer.param_groups[0]["lr"]),
+                 "train_s": round(train_s, 4), "data_wait_s": round(data_wait, 4),
+                 "samples_per_s": round(n_seen / max(train_s, 1e-9), 3)}
 
         improved = False
         if val_cases:

@@ -97,6 +97,18 @@ MODEL_DEFAULTS = {
 
 MODEL_KEYS = tuple(MODEL_DEFAULTS)
 
+ARCH_ALIASES = {
+    "vit_tiny": "vit_tiny_patch16_224",
+    "vit_small": "vit_small_patch16_224",
+    "vit_base": "vit_base_patch16_224",
+    "vit": "vit_base_patch16_224",
+    "mobilenet_v2": "mobilenetv2_100",
+    "mobilenetv2": "mobilenetv2_100",
+    "efficientnet-b5": "efficientnet_b5",
+    "densenet": "densenet121",
+}
+"""Short names accepted for ``arch`` (the Slicer trainer and ``ipmn cv --models`` use them)."""
+
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
@@ -138,6 +150,8 @@ def normalize_config(cfg: dict | None = None) -> dict:
         )
     out = copy.deepcopy(MODEL_DEFAULTS)
     out.update(copy.deepcopy(cfg))
+    if isinstance(out["arch"], str):
+        out["arch"] = ARCH_ALIASES.get(out["arch"].lower(), out["arch"])
 
     arch = out["arch"]
     if not isinstance(arch, str) or not arch.strip():
