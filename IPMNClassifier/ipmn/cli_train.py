@@ -133,9 +133,18 @@ def _progress(args):
 
 
 def _cohort_info(spec) -> dict:
+    import json
+    from pathlib import Path
+
     from ipmn.train import is_phantom_cohort
 
-    return {"source": str(spec), "synthetic": is_phantom_cohort(spec)}
+    synthetic = is_phantom_cohort(spec)
+    source = str(spec)
+    if synthetic:  # name the command that regenerates the very same cases, not a local path
+        p = Path(spec)
+        truth = json.loads(((p if p.is_dir() else p.parent) / "phantom_truth.json").read_text(encoding="utf-8"))
+        source = f"`ipmn phantoms --n {truth['n']} --seed {truth['seed']} --centers {truth.get('centers', 1)}`"
+    return {"source": source, "synthetic": synthetic}
 
 
 def _device(args) -> str:

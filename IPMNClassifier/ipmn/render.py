@@ -24,7 +24,8 @@ def overlay(gray: np.ndarray, saliency: np.ndarray | None, alpha: float = 0.45) 
     if saliency is None:
         return base.astype(np.uint8)
     heat = jet(saliency).astype(np.float32)
-    weight = alpha * np.clip(saliency, 0, 1)[..., None] ** 0.5  # faint where attention is low
+    # no tint where attention is low, so the anatomy stays readable
+    weight = alpha * np.clip((saliency - 0.2) / 0.8, 0, 1)[..., None] ** 0.5
     return (base * (1 - weight) + heat * weight).astype(np.uint8)
 
 

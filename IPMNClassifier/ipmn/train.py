@@ -1034,6 +1034,7 @@ def _train_model(cases, config, out_dir, val_cases, device, progress, resume, pa
                 pre["landmarks"] = landmarks
             pkg = {
                 **mcfg,
+                "name": f"{mcfg['arch']} ({'synthetic phantoms' if (cohort_info or {}).get('synthetic') else Path(package_dir).name})",
                 "preprocess": pre,
                 "landmarks": landmarks,
                 "data": {"roi_margin_mm": cfg["data"]["roi_margin_mm"], "pad": cfg["data"]["pad"]},
