@@ -42,7 +42,7 @@ def small_case(tmp_path_factory):
 def test_predict_cli_end_to_end(tiny_model, small_case, tmp_path):
     out = tmp_path / "out"
     proc = run_cli("predict", "--t1", small_case["t1"], "--t2", small_case["t2"], "--roi", small_case["roi"],
-                   "--model", tiny_model, "--out", out, "--device", "cpu")
+                   "--model", tiny_model, "--out", out, "--device", "cpu", "--fidelity")
     assert proc.returncode == 0, proc.stderr
     assert "model tiny-test" in proc.stdout
     result = json.loads((out / "prediction.json").read_text())

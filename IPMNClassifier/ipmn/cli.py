@@ -86,7 +86,7 @@ def cmd_predict(args) -> int:
     result = predictor.predict(
         t1=args.t1, t2=args.t2, roi=args.roi, mask=args.mask, out=args.out, windows=args.windows, tta=args.tta,
         stride=args.stride, margin_mm=args.margin, nonfinite=args.nonfinite, pad=args.pad,
-        fidelity=not args.no_fidelity, progress=_progress_printer(args.progress),
+        fidelity=args.fidelity, progress=_progress_printer(args.progress),
     )
     if args.json:
         print(json.dumps(result, indent=2))
@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, default=1, help="slice step between windows with --windows all")
     p.add_argument("--tta", action="store_true", help="test-time flips/90-degree rotations, maps un-rotated")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CPU (GPU uses it by default)")
-    p.add_argument("--no-fidelity", action="store_true", help="skip the deletion-curve fidelity check")
+    p.add_argument("--fidelity", action="store_true",
+                   help="also run the deletion-curve fidelity check of the map (18 extra forward passes)")
     p.add_argument("--progress", choices=["none", "jsonl"], default="none", help="jsonl: one JSON event per line")
     p.add_argument("--json", action="store_true", help="print prediction.json to stdout")
     p.set_defaults(func=cmd_predict)

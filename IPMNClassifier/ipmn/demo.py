@@ -46,7 +46,8 @@ def run_demo(out="ipmn-demo", device="auto", windows="all") -> int:
     t0 = time.perf_counter()
     case = sample_case()
     predictor = Predictor(demo_model(), device=device)
-    result = predictor.predict(t1=case["t1"], t2=case["t2"], roi=case["roi"], out=out, windows=windows)
+    result = predictor.predict(t1=case["t1"], t2=case["t2"], roi=case["roi"], out=out, windows=windows,
+                               fidelity=True)
     print(summary_line(result))
     print(f"sample case: synthetic phantom, true label {case['label']!r} "
           f"({'; '.join(case['info'].get('findings', [])) or 'no findings'})")
