@@ -57,11 +57,12 @@ def main(argv=None):
 
     cache.reset_stats()
     t = time.perf_counter()
-    summary = train_model(cases, config, work / "run1", device="cpu", progress=None)
+    train_model(cases, config, work / "run1", device="cpu", progress=None)
     first = cache.stats()
     row("first training: wall time (s), preprocessing included", time.perf_counter() - t,
         cache_misses=first["misses"], build_s=round(first["build_s"], 2))
-    hist = json.loads((work / "run1" / "history.json").read_text()) if (work / "run1" / "history.json").exists() else summary["history"]
+    hist = json.loads((work / "run1" / "history.json").read_text())
+    hist = hist["history"] if isinstance(hist, dict) else hist
     later = [h for h in hist if h["epoch"] > 1] or hist
     sps = float(np.median([h["samples_per_s"] for h in later]))
     wait = float(np.median([h["data_wait_s"] / max(h["train_s"], 1e-9) for h in later]))
