@@ -27,6 +27,17 @@ def run_cli(*args, timeout=600, input=None, env=None):
     )
 
 
+def shared_cohort(tmp_path_factory) -> Path:
+    """18 phantoms (6 per class, 2 centres), written once per session (train and CV tests share it)."""
+    from ipmn.phantoms import make_cohort
+
+    base = tmp_path_factory.getbasetemp() / "ipmn_phantoms18"
+    manifest = base / "cohort.csv"
+    if not manifest.exists():
+        make_cohort(base, n=18, seed=5, centers=2)
+    return manifest
+
+
 @pytest.fixture(scope="session")
 def phantom_cohort(tmp_path_factory):
     """12 phantom cases (4 per class) with cohort.csv, generated once per session."""

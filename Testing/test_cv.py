@@ -9,12 +9,12 @@ import argparse
 import copy
 import csv
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import shared_cohort
 from ipmn.errors import IPMNError
 
 TINY = {
@@ -30,17 +30,6 @@ TINY = {
     },
     "cv": {"outer": 2, "inner": 2, "seed": 3, "examples": 2},
 }
-
-
-def shared_cohort(tmp_path_factory) -> Path:
-    """18 phantoms (6 per class, 2 centres), written once per session (test_train.py makes the same one)."""
-    from ipmn.phantoms import make_cohort
-
-    base = tmp_path_factory.getbasetemp() / "ipmn_phantoms18"
-    manifest = base / "cohort.csv"
-    if not manifest.exists():
-        make_cohort(base, n=18, seed=5, centers=2)
-    return manifest
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import shared_cohort
 from ipmn.errors import IPMNError
 
 TINY = {
@@ -37,17 +38,6 @@ TINY = {
         "schedule": "cosine",
     },
 }
-
-
-def shared_cohort(tmp_path_factory) -> Path:
-    """18 phantoms (6 per class, 2 centres), written once per session (test_cv.py makes the same one)."""
-    from ipmn.phantoms import make_cohort
-
-    base = tmp_path_factory.getbasetemp() / "ipmn_phantoms18"
-    manifest = base / "cohort.csv"
-    if not manifest.exists():
-        make_cohort(base, n=18, seed=5, centers=2)
-    return manifest
 
 
 @pytest.fixture(scope="module", autouse=True)
