@@ -213,6 +213,8 @@ def test_every_module_file_is_listed_in_cmake(name):
     for path in folder.rglob("*"):
         if path.is_dir() or "__pycache__" in path.parts or path.suffix == ".pyc":
             continue
+        if any(part.endswith(".egg-info") for part in path.parts):  # written by `pip install -e .`, git-ignored
+            continue
         rel = path.relative_to(folder).as_posix()
         if rel == "CMakeLists.txt" or rel.startswith("Testing/"):
             continue
