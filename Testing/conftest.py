@@ -27,6 +27,17 @@ def run_cli(*args, timeout=600, input=None, env=None):
     )
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a test module: run-to-run identical, and far faster on a shared 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def shared_cohort(tmp_path_factory) -> Path:
     """18 phantoms (6 per class, 2 centres), written once per session (train and CV tests share it)."""
     from ipmn.phantoms import make_cohort

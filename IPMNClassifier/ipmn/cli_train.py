@@ -148,7 +148,7 @@ def _cohort_info(spec) -> dict:
 
 
 def _device(args) -> str:
-    from ipmn.train import resolve_device
+    from ipmn.device import resolve_device
 
     return str(resolve_device(args.device).type) if args.device in ("auto", "cuda") else args.device
 

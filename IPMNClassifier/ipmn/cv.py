@@ -368,10 +368,11 @@ def _select(curves: list[dict], metric: str) -> dict:
 def run_fold(run_dir: Path, variant: dict, cfg: dict, splits: dict, fold: int, cases_by_id: dict, grids: dict,
              device="cpu", progress=None, cohort_info=None) -> dict:
     """Run (or resume) one outer fold of one variant; returns its result (also in result.json)."""
+    from ipmn.device import resolve_device
     from ipmn.metrics import classification_metrics, fit_temperature, softmax
     from ipmn.models import load_package
     from ipmn.progress import Progress
-    from ipmn.train import autocast_for, dist_info, predict_cases, prepare_arrays, resolve_device, train_model
+    from ipmn.train import autocast_for, dist_info, predict_cases, prepare_arrays, train_model
 
     progress = progress or Progress("none")
     rank, world, local_rank = dist_info()
@@ -566,7 +567,7 @@ def run_cv(cases, config, run_dir, models=None, modalities=None, fusions=None, f
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            from ipmn.train import resolve_device
+            from ipmn.device import resolve_device
 
             dist.init_process_group("nccl" if resolve_device(device).type == "cuda" else "gloo")
         dist.barrier()

@@ -125,16 +125,17 @@ def write_text(text: str, dest: str | os.PathLike) -> Path:
 
 
 def write_json(obj, dest: str | os.PathLike) -> Path:
-    return write_text(json.dumps(obj, indent=2, default=_json_default) + "\n", dest)
+    return write_text(json.dumps(obj, indent=2, default=json_default) + "\n", dest)
 
 
-def _json_default(obj):
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
+def json_default(obj):
+    """``json.dumps`` fallback for numpy/torch scalars and arrays, paths and sets."""
+    if hasattr(obj, "tolist"):  # numpy and torch scalars and arrays
         return obj.tolist()
     if isinstance(obj, Path):
         return str(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 

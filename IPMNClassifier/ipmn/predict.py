@@ -27,6 +27,7 @@ import SimpleITK as sitk
 import torch
 
 from ipmn import CLASS_NAMES
+from ipmn.device import resolve_device
 from ipmn.errors import IPMNError
 from ipmn.grid import case_windows, central_start, roi_to_reference, window_to_roi
 from ipmn.inputs import load_inputs
@@ -35,22 +36,6 @@ from ipmn.preprocess import PreprocessConfig, prepare_case
 
 SCHEMA = "ipmn.prediction/1"
 DEFAULT_LEVELS = (20.0, 10.0, 5.0)  # label 1, 2, 3 = top 20 %, 10 %, 5 % of attention inside the ROI
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    device = (device or "auto").lower()
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise IPMNError(
-                f"device {device!r} asked for but CUDA is not available (torch {torch.__version__}, "
-                f"{'no GPU found' if torch.version.cuda else 'a CPU-only build'}); use --device cpu or auto"
-            )
-        return torch.device(device)
-    if device == "cpu":
-        return torch.device("cpu")
-    raise IPMNError(f"unknown device {device!r}; use auto, cpu or cuda")
 
 
 def preprocess_of(config: dict) -> tuple[PreprocessConfig, dict | None]:

@@ -45,8 +45,9 @@ from pathlib import Path
 import numpy as np
 
 from ipmn import CLASS_NAMES
+from ipmn.device import resolve_device
 from ipmn.errors import IPMNError
-from ipmn.io import atomic_path, write_json
+from ipmn.io import atomic_path, json_default, write_json
 
 # ------------------------------------------------------------------------------------------------ config
 SECTIONS = ("model", "preprocess", "train", "cv", "data")
@@ -410,23 +411,6 @@ def dist_info() -> tuple[int, int, int]:
     return rank, world, local
 
 
-def resolve_device(device: str = "cpu", local_rank: int = 0):
-    import torch
-
-    device = (device or "cpu").lower()
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise IPMNError(f"device {device!r} asked for but CUDA is not available; use --device cpu")
-        if device == "cuda":
-            device = f"cuda:{local_rank}"
-        return torch.device(device)
-    if device == "cpu":
-        return torch.device("cpu")
-    raise IPMNError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto")
-
-
 def seed_everything(seed: int, deterministic: bool = True) -> None:
     import random
 
@@ -525,7 +509,7 @@ def save_tensors(dest: Path, tensors: dict, meta: dict | None = None) -> None:
 
     metadata = {"format": "pt"}
     if meta is not None:
-        metadata["ipmn_state"] = json.dumps(meta, default=_json_default)
+        metadata["ipmn_state"] = json.dumps(meta, default=json_default)
     try:
         with atomic_path(dest) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
@@ -546,14 +530,6 @@ def read_tensors(path: Path) -> tuple[dict, dict]:
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
     state = json.loads(meta["ipmn_state"]) if "ipmn_state" in meta else {}
     return tensors, state
-
-
-def _json_default(obj):
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 def _state_tensors(module) -> dict:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import IPMNError
+from ..io import json_default
 
 FORMAT = "ipmn-model"
 FORMAT_VERSION = 1
@@ -48,16 +49,6 @@ def _software_versions() -> dict:
     except ImportError:  # pragma: no cover - timm is a hard dependency
         versions["timm"] = "unknown"
     return versions
-
-
-def _json_default(obj):
-    if hasattr(obj, "tolist"):  # numpy / torch scalars and arrays
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON-serialisable")
 
 
 def _list_some(items, n: int = 5) -> str:
@@ -136,7 +127,7 @@ def save_package(folder, model: nn.Module, config: dict, dtype: str = "float32")
         format=FORMAT, format_version=FORMAT_VERSION, weights_dtype=dtype, software=_software_versions()
     )
     try:
-        text = json.dumps(out, indent=2, default=_json_default)
+        text = json.dumps(out, indent=2, default=json_default)
     except (TypeError, ValueError) as exc:
         raise IPMNError(f"package config is not JSON-serialisable: {exc}") from exc
 
