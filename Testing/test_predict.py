@@ -10,6 +10,8 @@ import SimpleITK as sitk
 import torch
 
 from conftest import run_cli
+from ipmn.device import resolve_precision
+from ipmn.errors import IPMNError
 from ipmn.models import build_model, save_package, vit_branches
 from ipmn.phantoms import make_case, write_case
 from ipmn.predict import Predictor
@@ -158,8 +160,39 @@ def test_bad_model_and_device(small_case, tmp_path, tiny_model):
     if not torch.cuda.is_available():
         proc = run_cli(*base, "--model", tiny_model, "--out", tmp_path / "o4", "--device", "cuda")
         assert proc.returncode == 2 and "CUDA is not available" in proc.stderr
-    for out in ("o2", "o3", "o4"):
+    proc = run_cli(*base, "--model", tiny_model, "--out", tmp_path / "o5", "--device", "cpu", "--precision", "fp16")
+    assert proc.returncode == 2 and "fp16 needs a CUDA device" in proc.stderr and "Traceback" not in proc.stderr
+    for out in ("o2", "o3", "o4", "o5"):
         assert not (tmp_path / out / "prediction.json").exists()
+
+
+def test_precision_auto_follows_the_hardware():
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu, native_cpu_bf16=True) == "bf16"
+    assert resolve_precision("auto", cpu, native_cpu_bf16=False) == "fp32"  # emulated bf16 is slower than fp32
+    assert resolve_precision("fp32", cpu, native_cpu_bf16=True) == "fp32"
+    assert resolve_precision("bf16", cpu, native_cpu_bf16=False) == "bf16"
+    with pytest.raises(IPMNError, match="unknown precision"):
+        resolve_precision("int8", cpu)
+
+
+def test_bf16_prediction_matches_fp32(small_case, tmp_path):
+    """bf16 autocast (the CPU default where the hardware has it) gives fp32's answer and map."""
+    model_dir = _package(tmp_path / "deeper", seed=3, depth=4)
+    kw = {"t1": small_case["t1"], "t2": small_case["t2"], "roi": small_case["roi"], "windows": "all", "tta": True}
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        predictor = Predictor(model_dir, device="cpu", precision=precision)
+        runs[precision] = predictor.predict(**kw, out=tmp_path / precision)
+        assert runs[precision]["precision"] == precision
+    p32 = np.array(list(runs["fp32"]["probabilities"].values()))
+    p16 = np.array(list(runs["bf16"]["probabilities"].values()))
+    assert np.abs(p32 - p16).max() < 0.01, (p32, p16)
+    assert not np.array_equal(p32, p16)  # bf16 really ran
+    h32, h16 = (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / p / "attention.nii.gz"))) for p in ("fp32", "bf16"))
+    inside = (h32 > 0) | (h16 > 0)
+    assert np.corrcoef(h32[inside], h16[inside])[0, 1] > 0.98
+    assert np.abs(h32 - h16).max() < 0.1
 
 
 def test_worker_keeps_model_between_requests(tiny_model, small_case, tmp_path):

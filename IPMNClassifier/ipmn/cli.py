@@ -82,7 +82,7 @@ def cmd_predict(args) -> int:
     models = list(args.ensemble or []) or ([args.model] if args.model else [])
     if not models:
         raise IPMNError("no model given: pass --model MODEL_DIR (or --ensemble DIR1 DIR2 ...)")
-    predictor = Predictor(models, device=args.device, bf16_cpu=args.bf16)
+    predictor = Predictor(models, device=args.device, precision=args.precision)
     result = predictor.predict(
         t1=args.t1, t2=args.t2, roi=args.roi, mask=args.mask, out=args.out, windows=args.windows, tta=args.tta,
         stride=args.stride, margin_mm=args.margin, nonfinite=args.nonfinite, pad=args.pad,
@@ -176,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="central: the paper's 9 central slices; all: every window, averaged")
     p.add_argument("--stride", type=int, default=1, help="slice step between windows with --windows all")
     p.add_argument("--tta", action="store_true", help="test-time flips/90-degree rotations, maps un-rotated")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CPU (GPU uses it by default)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="auto: bfloat16 on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32")
     p.add_argument("--fidelity", action="store_true",
                    help="also run the deletion-curve fidelity check of the map (18 extra forward passes)")
     p.add_argument("--progress", choices=["none", "jsonl"], default="none", help="jsonl: one JSON event per line")

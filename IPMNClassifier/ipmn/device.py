@@ -22,3 +22,51 @@ def resolve_device(device: str = "auto", local_rank: int = 0):
     if device == "cpu":
         return torch.device("cpu")
     raise IPMNError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def native_bf16_cpu() -> bool:
+    """True when this CPU computes bfloat16 matrix products in hardware (AVX512-BF16 or AMX).
+
+    Without it torch still accepts bf16 on the CPU but emulates it, which is slower than fp32.
+    """
+    import torch
+
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        fn = getattr(torch.cpu, probe, None)
+        try:
+            if fn is not None and fn():
+                return True
+        except (RuntimeError, AttributeError):  # private probes: absent or failing on some builds
+            continue
+    return False
+
+
+def resolve_precision(precision: str, device, native_cpu_bf16: bool | None = None) -> str:
+    """``auto`` → ``bf16`` on a CUDA GPU with bf16 (``fp16`` on older GPUs) and on a CPU with native bf16,
+    else ``fp32``. An explicit ``fp32`` / ``bf16`` / ``fp16`` is checked against the device."""
+    import torch
+
+    precision = (precision or "auto").lower()
+    if precision not in PRECISIONS:
+        raise IPMNError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
+    cuda = getattr(device, "type", str(device)).startswith("cuda")
+    if precision == "auto":
+        if cuda:
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if (native_bf16_cpu() if native_cpu_bf16 is None else native_cpu_bf16) else "fp32"
+    if precision == "fp16" and not cuda:
+        raise IPMNError("precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+    return precision
+
+
+def autocast(precision: str, device):
+    """The autocast context for a resolved precision (``fp32``: a disabled one)."""
+    import torch
+
+    kind = getattr(device, "type", str(device)).split(":")[0]
+    if precision == "fp32":
+        return torch.autocast(kind, enabled=False)
+    return torch.autocast(kind, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)

@@ -230,6 +230,11 @@ def _rollout_maps(model, x, head_fusion, discard_ratio):
             attentions = cap.attentions
     finally:
         model.train(was_training)
+    with torch.autocast(x.device.type, enabled=False):  # the rollout products in fp32 even under bf16
+        return logits.detach(), _rollout_from(model, x, attentions, head_fusion, discard_ratio)
+
+
+def _rollout_from(model, x, attentions, head_fusion, discard_ratio):
     maps = []
     start = 0
     for branch in vit_branches(model):
@@ -244,7 +249,7 @@ def _rollout_maps(model, x, head_fusion, discard_ratio):
         maps.append(r.reshape(-1, 1, gh, gw))
     grid = torch.stack(maps).mean(dim=0)  # late fusion: average of the branches' rollouts
     up = F.interpolate(grid, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
-    return logits.detach(), minmax_normalize(up[:, 0])
+    return minmax_normalize(up[:, 0])
 
 
 def _gradcam_maps(model, x, class_idx, target_layer):

@@ -59,8 +59,10 @@ def main(argv=None):
     ap.add_argument("--naive-runs", type=int, default=1, help="full-resolution N4 baseline runs (minutes each)")
     ap.add_argument("--out", default="bench-results.json")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="auto", help="auto (bf16 where the hardware has it) | fp32 | bf16")
     args = ap.parse_args(argv)
 
+    from ipmn.device import autocast
     from ipmn.models import build_model, save_package
     from ipmn.phantoms import make_case, write_case
     from ipmn.predict import Predictor
@@ -77,11 +79,15 @@ def main(argv=None):
     results = {"machine": machine(), "case": {"t1": list(case["t1"].GetSize()), "t2": list(case["t2"].GetSize())},
                "arch": args.arch, "repeats": args.repeats, "rows": []}
 
-    def row(name, seconds, **extra):
-        results["rows"].append({"name": name, "median_s": round(seconds, 4), **extra})
-        print(f"{name:<48} {seconds:8.3f} s  {json.dumps(extra) if extra else ''}", flush=True)
+    def row(name, seconds, unit="s", **extra):
+        key = "median_s" if unit == "s" else unit
+        results["rows"].append({"name": name, key: round(seconds, 4), **extra})
+        print(f"{name:<52} {seconds:8.3f} {unit}  {json.dumps(extra) if extra else ''}", flush=True)
 
-    predictor = Predictor(model_dir, device=args.device)
+    predictor = Predictor(model_dir, device=args.device, precision=args.precision)
+    fp32 = predictor if predictor.precision == "fp32" else Predictor(model_dir, device=args.device, precision="fp32")
+    results["precision"] = predictor.precision
+    print(f"precision: {predictor.precision} (fp32 rows are the same-run baseline)")
     kw = {"t1": paths["t1"], "t2": paths["t2"], "roi": paths["roi"]}
 
     # 1. in process, model loaded: stages of the central-window prediction
@@ -105,7 +111,13 @@ def main(argv=None):
         n_all["windows"] = len(r["windows"]["starts"])
 
     t_all, _ = median_time(all_tta, max(3, args.repeats // 2))
-    row("predict all windows + TTA (in process)", t_all, target_s=5.0, windows=n_all["windows"], tta_views=5)
+    row(f"predict all windows + TTA (in process, {predictor.precision})", t_all, target_s=5.0,
+        windows=n_all["windows"], tta_views=5)
+    if fp32 is not predictor:
+        t_all32, _ = median_time(lambda: fp32.predict(**kw, windows="all", tta=True, fidelity=False), 3)
+        row("  baseline: all windows + TTA in fp32", t_all32, speedup=round(t_all32 / t_all, 2))
+        t_c32, _ = median_time(lambda: fp32.predict(**kw, fidelity=False), args.repeats)
+        row("  baseline: central window in fp32", t_c32)
 
     # bare timm forward on the same tensor (same model object, no hooks)
     vit = predictor.models[0]
@@ -116,14 +128,19 @@ def main(argv=None):
 
     xt = torch.from_numpy(tile(x.numpy())[None].copy())
 
-    def bare():
-        with torch.inference_mode():
-            vit(xt)
+    def bare(precision):
+        with torch.inference_mode(), autocast(precision, predictor.device):
+            vit(xt.to(predictor.device))
 
-    t_bare, _ = median_time(bare, args.repeats)
-    row("bare timm forward (1 window, inference_mode)", t_bare)
-    row("ratio: predict central (no fidelity) / bare forward", t_nofid / t_bare, target="<= 2x model time + preprocessing")
-    row("ratio: model+explain stage / bare forward", stages.get("model_and_explain", 0) / t_bare, target_ratio=2.0)
+    t_bare, _ = median_time(lambda: bare(predictor.precision), args.repeats)
+    row(f"bare timm forward (1 window, inference_mode, {predictor.precision})", t_bare)
+    if predictor.precision != "fp32":
+        t_bare32, _ = median_time(lambda: bare("fp32"), args.repeats)
+        row("bare timm forward (1 window, inference_mode, fp32)", t_bare32)
+    rest = t_nofid - stages.get("model_and_explain", 0)
+    row("ratio: rest of the pipeline (read, preprocessing, maps, write) / bare forward", rest / t_bare, "x",
+        rest_s=round(rest, 3))
+    row("ratio: model+explain stage / bare forward", stages.get("model_and_explain", 0) / t_bare, "x", target=2.0)
 
     # scaling: number of windows, and ROI size (in-plane and superior-inferior)
     n_total = n_all["windows"]
@@ -155,7 +172,7 @@ def main(argv=None):
     def cold():
         proc = subprocess.run([sys.executable, "-m", "ipmn", "predict", "--t1", str(paths["t1"]), "--t2",
                                str(paths["t2"]), "--roi", str(paths["roi"]), "--model", str(model_dir), "--out",
-                               str(work / "cold"), "--device", args.device], capture_output=True, text=True)
+                               str(work / "cold"), "--device", args.device, "--precision", args.precision], capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(proc.stderr)
 
@@ -170,7 +187,7 @@ def main(argv=None):
     row("  heavy modules imported on the predict path", 0.0, modules=heavy or "none")
 
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-    row("peak RSS of this benchmark process (GB)", peak_gb, target_gb=3.0)
+    row("peak RSS of this benchmark process", peak_gb, "GB", target=3.0)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")
     return 0
