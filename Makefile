@@ -36,6 +36,7 @@ lint: venv
 bench: venv
 	$(BIN)/python Testing/Benchmarks/bench_predict.py --out bench-predict.json
 	$(BIN)/python Testing/Benchmarks/bench_train.py --out bench-train.json
+	$(BIN)/python Testing/Benchmarks/bench_memory.py --out bench-memory.json
 
 ## Rebuild the shipped demo model (synthetic phantoms only; ~15 min on a 2-core CPU)
 DEMO_COHORT := build/demo-cohort
