@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast test-slow lint bench demo-model demo-cv sample-data clean
+.PHONY: venv demo test test-fast test-slow lint bench bench-gpu demo-model demo-cv sample-data clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ bench: venv
 	$(BIN)/python Testing/Benchmarks/bench_predict.py --out bench-predict.json
 	$(BIN)/python Testing/Benchmarks/bench_train.py --out bench-train.json
 	$(BIN)/python Testing/Benchmarks/bench_memory.py --out bench-memory.json
+
+## On a GPU machine: ViT-B/16 training samples/s + MFU (bf16/fp32, channels-last, compile), predict latency
+bench-gpu: venv
+	$(BIN)/python Testing/Benchmarks/bench_gpu.py --out bench-gpu.json
+	$(BIN)/python Testing/Benchmarks/bench_predict.py --device cuda --naive-runs 0 --out bench-predict-gpu.json
 
 ## Rebuild the shipped demo model (synthetic phantoms only; ~15 min on a 2-core CPU)
 DEMO_COHORT := build/demo-cohort

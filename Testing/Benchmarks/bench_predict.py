@@ -131,6 +131,8 @@ def main(argv=None):
     def bare(precision):
         with torch.inference_mode(), autocast(precision, predictor.device):
             vit(xt.to(predictor.device))
+        if predictor.device.type == "cuda":
+            torch.cuda.synchronize(predictor.device)  # time the work, not the kernel launches
 
     t_bare, _ = median_time(lambda: bare(predictor.precision), args.repeats)
     row(f"bare timm forward (1 window, inference_mode, {predictor.precision})", t_bare)

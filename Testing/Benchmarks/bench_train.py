@@ -31,12 +31,15 @@ def main(argv=None):
     ap.add_argument("--cases", type=int, default=18)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--amp", default="none", choices=["none", "bf16"],
+                    help="autocast for both loops (bf16 on CPU: only worth it with AVX512-BF16/AMX)")
     ap.add_argument("--skip-cv", action="store_true")
     ap.add_argument("--out", default="bench-train.json")
     args = ap.parse_args(argv)
 
     from ipmn import cache
     from ipmn.cohort import load_manifest
+    from ipmn.device import autocast
     from ipmn.models import build_model
     from ipmn.phantoms import make_cohort
     from ipmn.train import train_model
@@ -47,8 +50,8 @@ def main(argv=None):
     cases = load_manifest(manifest)
     model_cfg = {"arch": args.arch, "depth": args.depth}
     config = {"model": model_cfg, "train": {"epochs": args.epochs, "batch_size": args.batch, "optimizer": "adamw",
-                                            "lr": 5e-4, "amp": "none", "windows_per_case": 6, "seed": 0}}
-    results = {"arch": args.arch, "depth": args.depth, "batch": args.batch, "threads": torch.get_num_threads(),
+                                            "lr": 5e-4, "amp": args.amp, "windows_per_case": 6, "seed": 0}}
+    results = {"arch": args.arch, "depth": args.depth, "batch": args.batch, "amp": args.amp, "threads": torch.get_num_threads(),
                "torch": torch.__version__, "rows": []}
 
     def row(name, value, **extra):
@@ -93,7 +96,8 @@ def main(argv=None):
         if step == 2:
             t = time.perf_counter()
         idx = torch.randint(0, len(x_all), (args.batch,))
-        loss = torch.nn.functional.cross_entropy(model(x_all[idx]), y_all[idx])
+        with autocast("fp32" if args.amp == "none" else args.amp, "cpu"):
+            loss = torch.nn.functional.cross_entropy(model(x_all[idx]), y_all[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
