@@ -914,6 +914,10 @@ def test_end_to_end_real_engine(scene, tmp_path):
     assert logic.checkInputs(t1, t2, roi, model_dir) == []
     result = logic.process(t1, t2, roi, model_dir, PredictOptions(device="cpu"), timeout=300)
     assert sum(ClassifierLogic.tableProbabilities(result.tableNode).values()) == pytest.approx(1.0, abs=1e-3)
+    table = result.tableNode.GetTable()
+    rows = {table.GetValueByName(r, "Item").ToString(): table.GetValueByName(r, "Value").ToString()
+            for r in range(table.GetNumberOfRows())}
+    assert rows["Computed on"] == f"cpu, {result.prediction['precision']}"  # the engine's device and precision
     for node in (result.heatmapNode, result.labelNode):
         assert node.GetImageData().GetDimensions() == t1.GetImageData().GetDimensions()
         assert np.array_equal(ijk_to_ras(node), ijk_to_ras(t1))

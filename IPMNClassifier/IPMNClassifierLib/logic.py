@@ -584,6 +584,8 @@ class ClassifierLogic:
                 text += (f"; deletion AUC {float(explanation['deletion_auc']):.3f} vs random "
                          f"{float(explanation['random_deletion_auc']):.3f} (lower = more faithful)")
             rows.append(("Explanation", text))
+        if prediction.get("device"):
+            rows.append(("Computed on", f"{prediction['device']}, {prediction.get('precision', 'fp32')}"))
         items, values = vtk.vtkStringArray(), vtk.vtkStringArray()
         items.SetName("Item")
         values.SetName("Value")
