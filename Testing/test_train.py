@@ -537,6 +537,43 @@ def test_cli_train_jsonl_progress(cohort, cache_dir, tmp_path, capsys):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+def test_tensorboard_curves_match_the_history_and_do_not_change_the_run(cohort, cache_dir, tmp_path):
+    import yaml
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny(cache_dir, epochs=2)))
+    out = tmp_path / "pkg"
+    args = ["train", "--cohort", cohort, "--config", cfg, "--out", out, "--val-fraction", 0.25, "--progress", "none",
+            "--device", "cpu"]
+    assert _cli([*args, "--tensorboard"]) == 0
+    work = tmp_path / "pkg.train"
+    history = json.loads((work / "history.json").read_text())["history"]
+    events = EventAccumulator(str(work / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss/train", "loss/validation", "validation/balanced_accuracy", "optimizer/lr"} <= tags
+    for key, tag in (("train_loss", "loss/train"), ("val_loss", "loss/validation"), ("lr", "optimizer/lr")):
+        logged = [(e.step, e.value) for e in events.Scalars(tag)]
+        assert [step for step, _ in logged] == [1, 2]
+        np.testing.assert_allclose([v for _, v in logged], [h[key] for h in history], rtol=1e-6)
+    # logging is not part of the run's identity: the finished run is found with the flag off
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    assert _cli([*args, "--resume"]) == 0
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_tensorboard_missing_is_one_clear_error(cohort, cache_dir, tmp_path, monkeypatch):
+    import yaml
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny(cache_dir, epochs=1, tensorboard=True)))
+    with pytest.raises(IPMNError, match="pip install tensorboard"):
+        _cli(["train", "--cohort", cohort, "--config", cfg, "--out", tmp_path / "pkg", "--progress", "none"])
+    assert not (tmp_path / "pkg").exists()
+
+
 _DDP_SCRIPT = textwrap.dedent("""
     import json, sys
     import torch

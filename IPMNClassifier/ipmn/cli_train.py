@@ -30,6 +30,8 @@ def _common(p, run_word: str) -> None:
     p.add_argument("--seed", type=int, help="override train.seed (and cv.seed for cv)")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], help="override train.amp")
     p.add_argument("--workers", type=int, help="override train.num_workers (data-loader processes)")
+    p.add_argument("--tensorboard", action="store_true", default=None,
+                   help="also log each training's curves to <its folder>/tensorboard (view: tensorboard --logdir OUT)")
     p.add_argument("--cache-dir", help="preprocessed-grid cache (default $IPMN_CACHE_DIR or ~/.cache/ipmn)")
 
 
@@ -79,7 +81,7 @@ def register(sub) -> None:
 # ------------------------------------------------------------------------------------------------ helpers
 def _overrides(args, cv: bool = False) -> dict:
     train = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
-             "amp": args.amp, "num_workers": args.workers}
+             "amp": args.amp, "num_workers": args.workers, "tensorboard": args.tensorboard}
     for key in ("epochs", "batch_size"):
         if train[key] is not None and train[key] < 1:
             raise IPMNError(f"--{key.replace('_', '-')} must be at least 1 (got {train[key]})")

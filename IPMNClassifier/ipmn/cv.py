@@ -301,10 +301,12 @@ def _variant_label(v: dict, inputs: bool, archs: bool) -> str:
 
 # ------------------------------------------------------------------------------------------------ run folder
 def _run_identity(cfg: dict, variants: list, cases, cohort_spec) -> dict:
-    from ipmn.train import config_digest
+    from ipmn.train import LOGGING_ONLY, config_digest
 
     ident = {
-        "config": {k: cfg[k] for k in ("preprocess", "train", "data")} | {"cv": {k: v for k, v in cfg["cv"].items() if k != "examples"}},
+        "config": {k: cfg[k] for k in ("preprocess", "data")}
+        | {"train": {k: v for k, v in cfg["train"].items() if k not in LOGGING_ONLY}}
+        | {"cv": {k: v for k, v in cfg["cv"].items() if k != "examples"}},
         "variants": [{"name": v["name"], "model": v["model"]} for v in variants],
         "cases": [(c.case_id, int(c.label), c.patient_id, c.center) for c in cases],
     }

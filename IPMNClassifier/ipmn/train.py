@@ -77,7 +77,11 @@ TRAIN_DEFAULTS = {
     "deterministic": True,
     "save_dtype": "float32",  # float32 | float16 (package weights)
     "keep_checkpoint": False,  # keep the last checkpoint after a finished run
+    "tensorboard": False,  # also log each epoch's scalars to <run folder>/tensorboard (needs `tensorboard`)
 }
+# Train options that change what is logged, not what is trained: left out of a run's fingerprint, so that
+# a run may be resumed with them switched.
+LOGGING_ONLY = ("tensorboard",)
 DATA_DEFAULTS = {
     "roi_margin_mm": 10.0,  # margin around a mask's bounding box when the ROI comes from a mask
     "nonfinite": "refuse",
@@ -252,7 +256,7 @@ def _validate_train(t: dict, num_classes: int) -> None:
             bad("class_weights", "balanced, none or a list of weights")
     elif not (isinstance(cw, list) and len(cw) == num_classes and all(_positive(w) for w in cw)):
         bad("class_weights", f"balanced, none or a list of {num_classes} positive weights")
-    for key in ("augment", "deterministic", "keep_checkpoint"):
+    for key in ("augment", "deterministic", "keep_checkpoint", "tensorboard"):
         if not isinstance(t[key], bool):
             bad(key, "true or false")
     if t["windows_per_case"] is not None and (not _is_int(t["windows_per_case"]) or t["windows_per_case"] < 1):
@@ -522,6 +526,22 @@ def save_tensors(dest: Path, tensors: dict, meta: dict | None = None) -> None:
         raise
 
 
+TENSORBOARD_SCALARS = (
+    ("train_loss", "loss/train"), ("val_loss", "loss/validation"), ("val_acc", "validation/accuracy"),
+    ("val_balanced_accuracy", "validation/balanced_accuracy"), ("val_macro_auc", "validation/macro_auc"),
+    ("val_macro_f1", "validation/macro_f1"), ("lr", "optimizer/lr"), ("samples_per_s", "speed/samples_per_s"),
+    ("data_wait_s", "speed/data_wait_s"),
+)
+
+
+def _summary_writer_class():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise IPMNError("train.tensorboard (--tensorboard) needs the tensorboard package: pip install tensorboard") from exc
+    return SummaryWriter
+
+
 def read_tensors(path: Path) -> tuple[dict, dict]:
     from safetensors import safe_open
 
@@ -733,6 +753,7 @@ def _train_model(cases, config, out_dir, val_cases, device, progress, resume, pa
 
     cfg = config if _is_resolved(config) else resolve_config(config)
     mcfg, t = cfg["model"], cfg["train"]
+    summary_writer = _summary_writer_class() if t["tensorboard"] else None  # refuse before any work
     progress = progress or Progress("none")
     out_dir = Path(out_dir)
     package_dir = (out_dir / "model") if package_dir is None else (Path(package_dir) if package_dir else None)
@@ -755,7 +776,8 @@ def _train_model(cases, config, out_dir, val_cases, device, progress, resume, pa
     epochs = int(t["epochs"])
     last_epoch = min(epochs, int(stop_epoch)) if stop_epoch else epochs
     identity = {
-        "config": {k: cfg[k] for k in ("model", "preprocess", "train", "data")},
+        "config": {k: cfg[k] for k in ("model", "preprocess", "data")}
+        | {"train": {k: v for k, v in t.items() if k not in LOGGING_ONLY}},
         "train": sorted((c.case_id, c.label) for c in cases),
         "val": sorted((c.case_id, c.label) for c in val_cases),
         "stop_epoch": last_epoch,
@@ -886,6 +908,7 @@ def _train_model(cases, config, out_dir, val_cases, device, progress, resume, pa
                    f"case(s), epochs {start_epoch}-{last_epoch} on {dev}" + (f" x{world}" if ddp else ""),
                    n_train=len(cases), n_val=len(val_cases), windows=n_items)
     clock = EtaClock()
+    tb = summary_writer(str(out_dir / "tensorboard")) if (summary_writer and is_main) else None
     t_start = time.perf_counter()
     stopped_early = False
     epoch = start_epoch - 1
@@ -957,6 +980,11 @@ def _train_model(cases, config, out_dir, val_cases, device, progress, resume, pa
                 improved = True
         entry["time_s"] = round(time.perf_counter() - t_ep, 3)
         history.append(entry)
+        if tb is not None:
+            for key, tag in TENSORBOARD_SCALARS:
+                if entry.get(key) is not None:
+                    tb.add_scalar(tag, entry[key], epoch)
+            tb.flush()  # a killed run keeps its curves up to the last epoch
 
         patience = t["early_stopping_patience"]
         if val_cases and patience and best["epoch"] is not None and epoch - best["epoch"] >= patience:
@@ -980,6 +1008,8 @@ def _train_model(cases, config, out_dir, val_cases, device, progress, resume, pa
             progress.stage("train", f"early stopping at epoch {epoch} (best {best['epoch']})")
             break
 
+    if tb is not None:
+        tb.close()
     # ---- final weights: best validation epoch, else the last one
     if val_cases and best["epoch"] is not None and (out_dir / BEST).exists():
         best_tensors, _ = read_tensors(out_dir / BEST)
