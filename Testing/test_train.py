@@ -587,8 +587,10 @@ _DDP_SCRIPT = textwrap.dedent("""
     s = train_model([cases[i] for i in ids["train"]], cfg, sys.argv[4], val_cases=[cases[i] for i in ids["val"]],
                     package_dir=sys.argv[5])
     rank, world, _ = dist_info()
-    print("RESULT " + json.dumps({"rank": rank, "world": world,
-          "history": [[h["train_loss"], h["val_loss"]] for h in s["history"]]}), flush=True)
+    # one file per rank: torchrun merges the ranks' stdout without keeping their lines apart
+    with open(f"{sys.argv[6]}/result{rank}.json", "w") as fh:
+        json.dump({"rank": rank, "world": world,
+                   "history": [[h["train_loss"], h["val_loss"]] for h in s["history"]]}, fh)
 """)
 
 
@@ -616,6 +618,7 @@ def test_ddp_two_cpu_processes(reference_run, cohort, tmp_path):
             str(cohort),
             str(tmp_path / "work"),
             str(tmp_path / "model"),
+            str(tmp_path),
         ],
         capture_output=True,
         text=True,
@@ -623,9 +626,7 @@ def test_ddp_two_cpu_processes(reference_run, cohort, tmp_path):
         env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = [
-        json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line
-    ]
+    results = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("result*.json"))]
     assert sorted(r["rank"] for r in results) == [0, 1] and all(r["world"] == 2 for r in results)
     assert (
         results[0]["history"] == results[1]["history"]
