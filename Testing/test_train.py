@@ -289,7 +289,7 @@ def test_train_writes_a_complete_package(reference_run, cases):
     from ipmn.train import predict_cases
 
     c = reference_run["val"][0]
-    result = Predictor(out / "model", device="cpu").predict(c.t1, c.t2, c.roi, fidelity=False)
+    result = Predictor(out / "model", device="cpu", precision="fp32").predict(c.t1, c.t2, c.roi, fidelity=False)
     pre = PreprocessConfig.from_dict(reference_run["cfg"]["preprocess"] | {"cell": 64})
     raw = GridCache(pre, ("t1", "t2"), reference_run["cfg"]["data"]["cache_dir"]).get(c).data
     ours = np.exp(

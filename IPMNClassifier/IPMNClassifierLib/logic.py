@@ -585,7 +585,8 @@ class ClassifierLogic:
                          f"{float(explanation['random_deletion_auc']):.3f} (lower = more faithful)")
             rows.append(("Explanation", text))
         if prediction.get("device"):
-            rows.append(("Computed on", f"{prediction['device']}, {prediction.get('precision', 'fp32')}"))
+            rows.append(("Computed on", f"{prediction['device']}, "
+                                        f"{prediction.get('precision') or 'precision not recorded'}"))
         items, values = vtk.vtkStringArray(), vtk.vtkStringArray()
         items.SetName("Item")
         values.SetName("Value")

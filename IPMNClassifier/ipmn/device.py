@@ -45,8 +45,9 @@ def native_bf16_cpu() -> bool:
 
 
 def resolve_precision(precision: str, device, native_cpu_bf16: bool | None = None) -> str:
-    """``auto`` → ``bf16`` on a CUDA GPU with bf16 (``fp16`` on older GPUs) and on a CPU with native bf16,
-    else ``fp32``. An explicit ``fp32`` / ``bf16`` / ``fp16`` is checked against the device."""
+    """``auto`` → ``bf16`` on a CUDA GPU with bf16 tensor cores (Ampere or newer; ``fp16`` on older GPUs)
+    and on a CPU with native bf16, else ``fp32``. An explicit ``fp32`` / ``bf16`` / ``fp16`` is taken as
+    asked, except ``fp16`` on the CPU, which is refused (``bf16`` on an older GPU runs, emulated)."""
     import torch
 
     precision = (precision or "auto").lower()
@@ -55,7 +56,8 @@ def resolve_precision(precision: str, device, native_cpu_bf16: bool | None = Non
     cuda = getattr(device, "type", str(device)).startswith("cuda")
     if precision == "auto":
         if cuda:
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            # is_bf16_supported() also says yes for emulated bf16 (V100, T4): ask for bf16 tensor cores
+            return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
         return "bf16" if (native_bf16_cpu() if native_cpu_bf16 is None else native_cpu_bf16) else "fp32"
     if precision == "fp16" and not cuda:
         raise IPMNError("precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
@@ -67,6 +69,9 @@ def autocast(precision: str, device):
     import torch
 
     kind = getattr(device, "type", str(device)).split(":")[0]
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
     if precision == "fp32":
         return torch.autocast(kind, enabled=False)
-    return torch.autocast(kind, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    if precision not in dtypes:
+        raise ValueError(f"autocast takes a resolved precision (fp32, bf16 or fp16), not {precision!r}")
+    return torch.autocast(kind, dtype=dtypes[precision])

@@ -286,7 +286,7 @@ def summary_line(result: dict) -> str:
     probs = " ".join(f"{n}={p:.2f}" for n, p in result["probabilities"].items())
     return (f"{result['predicted_class'].upper()} ({probs}; uncertainty {result['uncertainty']['entropy']:.2f}) "
             f"model {result['model']['name']}, {len(result['windows']['starts'])} window(s), "
-            f"{result.get('precision', 'fp32')}, {result['timing_s'].get('total', 0):.2f} s")
+            f"{result.get('precision', 'precision not recorded')}, {result['timing_s'].get('total', 0):.2f} s")
 
 
 # ------------------------------------------------------------------------------------------- worker
