@@ -41,6 +41,7 @@ bench: venv
 ## On a GPU machine: ViT-B/16 training samples/s + MFU (bf16/fp32, channels-last, compile), predict latency
 bench-gpu: venv
 	$(BIN)/python Testing/Benchmarks/bench_gpu.py --out bench-gpu.json
+	$(BIN)/python Testing/Benchmarks/bench_train.py --device cuda --arch vit_base_patch16_224 --depth 12 --batch 32 --amp bf16 --skip-cv --out bench-train-gpu.json
 	$(BIN)/python Testing/Benchmarks/bench_predict.py --device cuda --naive-runs 0 --out bench-predict-gpu.json
 
 ## Rebuild the shipped demo model (synthetic phantoms only; ~15 min on a 2-core CPU)

@@ -18,32 +18,39 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
+import math
 import platform
+import re
 import sys
 import time
 
 import torch
 
-# Dense (no sparsity) peak TFLOP/s from the vendors' data sheets: (bf16 tensor core, fp32 / tf32 non-tensor).
+# Dense (no sparsity) peak TFLOP/s from the vendors' data sheets: (bf16 tensor core, TF32 tensor core).
+# "fp32" rows run with TF32 matrix products (as PyTorch users on these cards do), so they are divided by
+# the TF32 peak. Longest names are matched first, on word boundaries ("L4" is not "L40S", "A10" not "A10G").
 PEAK_TFLOPS = {
-    "H200": (989.0, 67.0),
-    "H100 80GB HBM3": (989.0, 67.0),  # SXM
-    "H100 PCIe": (756.0, 51.0),
-    "H100 NVL": (835.0, 60.0),
-    "A100": (312.0, 19.5),
-    "L40S": (362.0, 91.6),
-    "L4": (121.0, 30.3),
-    "A10": (125.0, 31.2),
+    "H200 NVL": (836.0, 418.0),
+    "H200": (989.0, 494.7),
+    "H100 NVL": (835.0, 417.5),
+    "H100 PCIe": (756.0, 378.0),
+    "H100": (989.0, 494.7),  # SXM
+    "A100": (312.0, 156.0),
+    "L40S": (362.1, 183.0),
+    "L4": (121.0, 60.0),
+    "A10": (125.0, 62.5),
 }
 
 
-def peak_for(name: str, precision: str, override: float | None) -> float | None:
-    if override:
-        return override
-    for key, (bf16, fp32) in PEAK_TFLOPS.items():
-        if key.lower() in name.lower():
-            return bf16 if precision == "bf16" else fp32
+def peak_for(name: str, precision: str, overrides: dict) -> float | None:
+    if overrides.get(precision):
+        return overrides[precision]
+    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
+        if re.search(rf"\b{re.escape(key)}\b", name, flags=re.IGNORECASE):
+            bf16, tf32 = PEAK_TFLOPS[key]
+            return bf16 if precision == "bf16" else tf32
     return None
 
 
@@ -63,9 +70,14 @@ def build(args, channels_last: bool, compiled: bool, device):
 
 
 def flops_per_sample(args, device) -> float:
+    """Forward + backward FLOPs of one sample, with attention as explicit matrix products so that the count
+    is the same on every device (fused SDPA kernels are not counted on the CPU)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     _, model = build(args, False, False, device)
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
     x = torch.randn(2, 2, 192, 192, device=device)
     with FlopCounterMode(display=False) as counter:
         model(x).sum().backward()
@@ -123,7 +135,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
-    ap.add_argument("--peak-tflops", type=float, help="the device's peak for the precision measured (overrides the table)")
+    ap.add_argument("--peak-tflops-bf16", type=float, help="the device's dense bf16 peak (overrides the table)")
+    ap.add_argument("--peak-tflops-fp32", type=float, help="the device's dense TF32/fp32 peak (overrides the table)")
     ap.add_argument("--out", default="bench-gpu.json")
     args = ap.parse_args(argv)
 
@@ -141,33 +154,53 @@ def main(argv=None):
           "(forward + backward)")
 
     def row(name_, value, unit, **extra):
-        results["rows"].append({"name": name_, "value": round(value, 4), "unit": unit, **extra})
-        print(f"{name_:<60} {value:10.3f} {unit}  {json.dumps(extra) if extra else ''}", flush=True)
+        value = None if value is None or (isinstance(value, float) and math.isnan(value)) else round(value, 4)
+        results["rows"].append({"name": name_, "value": value, "unit": unit, **extra})
+        shown = "—" if value is None else f"{value:10.3f}"
+        print(f"{name_:<60} {shown:>10} {unit}  {json.dumps(extra) if extra else ''}", flush=True)
+        with open(args.out, "w") as fh:  # after every row: a crash later keeps what was measured
+            json.dump(results, fh, indent=2)
 
+    def attempt(label, unit, fn, **extra):
+        """One measurement; out of memory or a failing variant (e.g. compile) is a row, not the end of the run."""
+        error = None
+        try:
+            value = fn()
+        except torch.cuda.OutOfMemoryError:
+            value, error = None, "out of memory: lower --batch"
+        except Exception as exc:  # noqa: BLE001 - report it and go on with the other variants
+            value, error = None, f"{type(exc).__name__}: {str(exc)[:200]}"
+        gc.collect()  # outside the except block: the traceback no longer holds the failed step's tensors
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        with contextlib.suppress(Exception):
+            torch._dynamo.reset()
+        row(label, value, unit, **extra, **({"error": error} if error else {}))
+        return value
+
+    peaks = {"bf16": args.peak_tflops_bf16, "fp32": args.peak_tflops_fp32}
     compiles = (False,) if args.no_compile else (False, True)
     for precision in ("fp32", "bf16"):
+        peak = peak_for(name, precision, peaks)
         for channels_last in (False, True):
             for compiled in compiles:
-                label = f"train {precision}, channels-last {'on' if channels_last else 'off'}, compile {'on' if compiled else 'off'}"
-                try:
-                    rate = train_rate(args, precision, channels_last, compiled, device)
-                except torch.cuda.OutOfMemoryError:
-                    row(label, float("nan"), "samples/s", error="out of memory: lower --batch")
-                    torch.cuda.empty_cache()
-                    continue
-                peak = peak_for(name, precision, args.peak_tflops)
-                mfu = fps * rate / (peak * 1e12) if peak else None
-                row(label, rate, "samples/s", mfu=None if mfu is None else round(mfu, 4), peak_tflops=peak)
-                with contextlib.suppress(Exception):
-                    torch._dynamo.reset()
+                label = (f"train {precision}, channels-last {'on' if channels_last else 'off'}, "
+                         f"compile {'on' if compiled else 'off'}")
+                rate = attempt(label, "samples/s",
+                               lambda p=precision, c=channels_last, k=compiled: train_rate(args, p, c, k, device),
+                               peak_tflops=peak)
+                if rate is not None and peak:
+                    results["rows"][-1]["mfu"] = round(fps * rate / (peak * 1e12), 4)
+                    print(f"{'':<60} MFU {results['rows'][-1]['mfu']:.3f}", flush=True)
+    if device.type == "cuda":
+        row("peak GPU memory allocated, training variants", torch.cuda.max_memory_allocated(device) / 1024**3, "GB")
+        torch.cuda.reset_peak_memory_stats(device)
     for precision in ("fp32", "bf16"):
         for windows in (1, 17):
-            row(f"predict latency, model only, {windows} window(s), {precision}",
-                predict_latency(args, precision, windows, device), "s")
+            attempt(f"predict latency, model only, {windows} window(s), {precision}", "s",
+                    lambda p=precision, w=windows: predict_latency(args, p, w, device))
     if device.type == "cuda":
-        row("peak GPU memory allocated", torch.cuda.max_memory_allocated(device) / 1024**3, "GB")
-    with open(args.out, "w") as fh:
-        json.dump(results, fh, indent=2)
+        row("peak GPU memory allocated, predict", torch.cuda.max_memory_allocated(device) / 1024**3, "GB")
     print(f"wrote {args.out}")
     return 0
 

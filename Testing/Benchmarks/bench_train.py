@@ -31,8 +31,9 @@ def main(argv=None):
     ap.add_argument("--cases", type=int, default=18)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--amp", default="none", choices=["none", "bf16"],
+    ap.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
                     help="autocast for both loops (bf16 on CPU: only worth it with AVX512-BF16/AMX)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     ap.add_argument("--skip-cv", action="store_true")
     ap.add_argument("--out", default="bench-train.json")
     args = ap.parse_args(argv)
@@ -60,7 +61,7 @@ def main(argv=None):
 
     cache.reset_stats()
     t = time.perf_counter()
-    train_model(cases, config, work / "run1", device="cpu", progress=None)
+    train_model(cases, config, work / "run1", device=args.device, progress=None)
     first = cache.stats()
     row("first training: wall time (s), preprocessing included", time.perf_counter() - t,
         cache_misses=first["misses"], build_s=round(first["build_s"], 2))
@@ -73,7 +74,7 @@ def main(argv=None):
     row("ipmn train: fraction of step time waiting for data", wait)
 
     cache.reset_stats()
-    train_model(cases, config, work / "run2", device="cpu", progress=None)
+    train_model(cases, config, work / "run2", device=args.device, progress=None)
     second = cache.stats()
     row("second training on the same cohort: cache misses", float(second["misses"]), hits=second["hits"])
 
@@ -86,21 +87,28 @@ def main(argv=None):
 
     windows = [case_windows(standardize(grids[c.case_id].data, ("t1", "t2"), PreprocessConfig()), 9, "all")[1]
                for c in cases]
-    x_all = torch.from_numpy(np.concatenate(windows))
-    y_all = torch.randint(0, 3, (len(x_all),))
+    from ipmn.device import resolve_device
+
+    dev = resolve_device(args.device)
+    x_all = torch.from_numpy(np.concatenate(windows)).to(dev)
+    y_all = torch.randint(0, 3, (len(x_all),)).to(dev)
     torch.manual_seed(0)
-    model = build_model(model_cfg).train()
+    model = build_model(model_cfg).to(dev).train()
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.05)
     n_steps = max(8, len(x_all) // args.batch)
     for step in range(n_steps + 2):  # 2 warm-up steps
         if step == 2:
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
             t = time.perf_counter()
-        idx = torch.randint(0, len(x_all), (args.batch,))
-        with autocast("fp32" if args.amp == "none" else args.amp, "cpu"):
+        idx = torch.randint(0, len(x_all), (args.batch,), device=dev)
+        with autocast("fp32" if args.amp == "none" else args.amp, dev):
             loss = torch.nn.functional.cross_entropy(model(x_all[idx]), y_all[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
     bare = n_steps * args.batch / (time.perf_counter() - t)
     row("bare timm loop: samples/s (same model, batch, optimiser)", bare)
     row("overhead of ipmn train vs bare loop (target <= 0.10)", 1 - sps / bare)
@@ -112,7 +120,7 @@ def main(argv=None):
         cfg_path.write_text(yaml.safe_dump({**config, "train": {**config["train"], "epochs": 2},
                                             "cv": {"outer": 2, "inner": 2}}))
         base = [sys.executable, "-m", "ipmn", "cv", "--cohort", str(manifest), "--config", str(cfg_path),
-                "--device", "cpu", "--progress", "none", "--no-report"]
+                "--device", args.device, "--progress", "none", "--no-report"]
         env1 = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         t = time.perf_counter()
         procs = [subprocess.Popen([*base, "--out", str(work / "cvpar"), "--fold", str(k)], env=env1,
