@@ -126,6 +126,7 @@ class IPMNClassifierParameterNode:
     tta: bool = False
     foldEnsemble: bool = True
     keepEngineLoaded: bool = True
+    exactFp32: bool = False
     heatmapOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     showAttentionLabels: bool = False
     resultTable: vtkMRMLTableNode
@@ -387,6 +388,7 @@ class IPMNClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             device=p.device.value,
             windows="all" if p.allWindows else "central",
             tta=p.tta,
+            precision="fp32" if p.exactFp32 else "auto",
             ensemble=[str(m) for m in info.ensemble_members] if p.foldEnsemble else [],
         )
         warning = eng.memory_warning(self.logic.memoryNeededGB(options))

@@ -924,10 +924,14 @@ def test_end_to_end_real_engine(scene, tmp_path):
     assert set(np.unique(slicer.util.arrayFromVolume(result.labelNode)).tolist()) <= {0, 1, 2, 3}
     # the same case through the long-lived worker replaces the outputs
     count = scene_node.GetNumberOfNodes()
-    task = logic.prepare(t1, t2, roi, model_dir, PredictOptions(device="cpu"))
+    task = logic.prepare(t1, t2, roi, model_dir, PredictOptions(device="cpu", precision="fp32"))
     again = logic.startAsync(task).wait(timeout=300)
     logic.stopWorker()
     assert again.heatmapNode is result.heatmapNode and scene_node.GetNumberOfNodes() == count
+    table = again.tableNode.GetTable()
+    rows = {table.GetValueByName(r, "Item").ToString(): table.GetValueByName(r, "Value").ToString()
+            for r in range(table.GetNumberOfRows())}
+    assert rows["Computed on"] == "cpu, fp32"  # the "Exact fp32" option reaches the worker
 
 
 def _real_cv_available() -> bool:

@@ -353,13 +353,14 @@ def test_logic_command_lines_match_the_engine_parser(tmp_path):
         roiPath=tmp_path / "roi.mrk.json",
         outDir=tmp_path / "out",
         model=tmp_path / "m",
-        options=PredictOptions(device="cpu", windows="all", tta=True, ensemble=["a", "b"]),
+        options=PredictOptions(device="cpu", windows="all", tta=True, ensemble=["a", "b"], precision="fp32"),
         t1NodeID="1",
         t2NodeID="2",
         roiNodeID="3",
     )
     args = parser.parse_args(task.predictArgs())
-    assert (args.t1, args.model, args.device, args.windows, args.tta, args.ensemble, args.progress) == (
+    assert (args.t1, args.model, args.device, args.windows, args.tta, args.ensemble, args.progress,
+            args.precision) == (
         str(tmp_path / "t1.nrrd"),
         str(tmp_path / "m"),
         "cpu",
@@ -367,6 +368,7 @@ def test_logic_command_lines_match_the_engine_parser(tmp_path):
         True,
         ["a", "b"],
         "jsonl",
+        "fp32",
     )
     assert "worker" in commands
     assert set(task.workerRequest()) == {
@@ -379,6 +381,7 @@ def test_logic_command_lines_match_the_engine_parser(tmp_path):
         "windows",
         "tta",
         "ensemble",
+        "precision",
     }
     if "cv" not in commands:  # the training commands may not be wired into ``ipmn`` yet: use their module
         import argparse

@@ -54,6 +54,7 @@ class PredictOptions:
     device: str = "auto"  # auto | cpu | cuda
     windows: str = "central"  # central | all
     tta: bool = False
+    precision: str = "auto"  # auto (bf16 where the hardware computes it natively) | fp32
     # Fold ensemble: ALL model folders to average (the main one included); the engine then uses these
     # instead of --model. Empty: the single model.
     ensemble: list = field(default_factory=list)
@@ -81,7 +82,7 @@ class PredictTask:
         """Arguments of ``ipmn predict`` (after ``-m ipmn``)."""
         args = ["predict", "--t1", str(self.t1Path), "--t2", str(self.t2Path), "--roi", str(self.roiPath),
                 "--model", str(self.model), "--out", str(self.outDir), "--device", self.options.device,
-                "--windows", self.options.windows]
+                "--windows", self.options.windows, "--precision", self.options.precision]
         if self.options.tta:
             args.append("--tta")
         if self.options.ensemble:
@@ -92,7 +93,8 @@ class PredictTask:
         """The same request for ``ipmn worker`` (``cmd`` is added by the worker client)."""
         return {"t1": str(self.t1Path), "t2": str(self.t2Path), "roi": str(self.roiPath), "model": str(self.model),
                 "out": str(self.outDir), "device": self.options.device, "windows": self.options.windows,
-                "tta": bool(self.options.tta), "ensemble": [str(p) for p in self.options.ensemble]}
+                "tta": bool(self.options.tta), "ensemble": [str(p) for p in self.options.ensemble],
+                "precision": self.options.precision}
 
 
 @dataclass
