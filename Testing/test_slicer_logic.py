@@ -111,6 +111,13 @@ def _logic(case, mode="", **kw):
     )
 
 
+def _tableRows(tableNode) -> dict:
+    """A result table's Item -> Value rows."""
+    table = tableNode.GetTable()
+    return {table.GetValueByName(r, "Item").ToString(): table.GetValueByName(r, "Value").ToString()
+            for r in range(table.GetNumberOfRows())}
+
+
 def _process(logic, case, options=None, roi=None):
     return logic.process(
         case["t1"],
@@ -172,10 +179,7 @@ def test_outputs_in_t1_geometry_with_documented_labels_table_and_hierarchy(case)
     assert sum(probs.values()) == pytest.approx(1.0, abs=1e-3)
     assert sum(result.probabilities.values()) == pytest.approx(1.0, abs=1e-9)
     assert result.tableNode.GetAttribute("IPMN.PredictedClass") == result.predictedClass
-    items = [
-        result.tableNode.GetTable().GetColumnByName("Item").GetValue(r)
-        for r in range(result.tableNode.GetNumberOfRows())
-    ]
+    items = _tableRows(result.tableNode)
     assert {"Model", "Model card", "Uncertainty (entropy)", "Predicted class"} <= set(items)
 
     # subject hierarchy: every output under the T1's study
@@ -914,9 +918,7 @@ def test_end_to_end_real_engine(scene, tmp_path):
     assert logic.checkInputs(t1, t2, roi, model_dir) == []
     result = logic.process(t1, t2, roi, model_dir, PredictOptions(device="cpu"), timeout=300)
     assert sum(ClassifierLogic.tableProbabilities(result.tableNode).values()) == pytest.approx(1.0, abs=1e-3)
-    table = result.tableNode.GetTable()
-    rows = {table.GetValueByName(r, "Item").ToString(): table.GetValueByName(r, "Value").ToString()
-            for r in range(table.GetNumberOfRows())}
+    rows = _tableRows(result.tableNode)
     assert rows["Computed on"] == f"cpu, {result.prediction['precision']}"  # the engine's device and precision
     for node in (result.heatmapNode, result.labelNode):
         assert node.GetImageData().GetDimensions() == t1.GetImageData().GetDimensions()
@@ -928,10 +930,7 @@ def test_end_to_end_real_engine(scene, tmp_path):
     again = logic.startAsync(task).wait(timeout=300)
     logic.stopWorker()
     assert again.heatmapNode is result.heatmapNode and scene_node.GetNumberOfNodes() == count
-    table = again.tableNode.GetTable()
-    rows = {table.GetValueByName(r, "Item").ToString(): table.GetValueByName(r, "Value").ToString()
-            for r in range(table.GetNumberOfRows())}
-    assert rows["Computed on"] == "cpu, fp32"  # the "Exact fp32" option reaches the worker
+    assert _tableRows(again.tableNode)["Computed on"] == "cpu, fp32"  # the "Exact fp32" option reaches the worker
 
 
 def _real_cv_available() -> bool:

@@ -153,23 +153,14 @@ def _transformID(node) -> str:
     return (node.GetTransformNodeID() or "") if node is not None else ""
 
 
-def _toLocal(points, transformNode) -> np.ndarray:
-    """World RAS points into the coordinates under ``transformNode`` (unchanged when None)."""
+def _transformPoints(points, fromNode, toNode) -> np.ndarray:
+    """RAS points from the coordinates under ``fromNode`` into those under ``toNode`` (None = world)."""
     points = np.asarray(points, dtype=float)
-    if transformNode is None:
+    if fromNode is None and toNode is None:
         return points
-    worldToLocal = vtk.vtkGeneralTransform()
-    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(None, transformNode, worldToLocal)
-    return np.array([worldToLocal.TransformPoint(*p) for p in points])
-
-
-def _toWorld(points, transformNode) -> np.ndarray:
-    points = np.asarray(points, dtype=float)
-    if transformNode is None:
-        return points
-    localToWorld = vtk.vtkGeneralTransform()
-    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(transformNode, None, localToWorld)
-    return np.array([localToWorld.TransformPoint(*p) for p in points])
+    transform = vtk.vtkGeneralTransform()
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(fromNode, toNode, transform)
+    return np.array([transform.TransformPoint(*p) for p in points])
 
 
 def _boxesOverlap(a, b) -> bool:
@@ -710,7 +701,7 @@ class ClassifierLogic:
             bounds = [0.0] * 6
             referenceVolume.GetRASBounds(bounds)
             center = [(bounds[2 * i] + bounds[2 * i + 1]) / 2.0 for i in range(3)]
-        local = _toLocal([center], transformNode)[0]
+        local = _transformPoints([center], None, transformNode)[0]
         roi = roiNode or self.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", self.scene.GenerateUniqueName(name))
         roi.SetAndObserveTransformNodeID(transformNode.GetID() if transformNode is not None else None)
         roi.SetCenter(*[float(v) for v in local])
@@ -746,7 +737,7 @@ class ClassifierLogic:
         m = np.array([[matrix.GetElement(i, j) for j in range(4)] for i in range(4)])
         corners = np.array([[x, y, z, 1.0] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
         points = (m @ corners.T).T[:, :3]
-        points = _toWorld(points, segmentationNode.GetParentTransformNode())
+        points = _transformPoints(points, segmentationNode.GetParentTransformNode(), None)
         return np.array([points[:, 0].min(), points[:, 0].max(), points[:, 1].min(), points[:, 1].max(),
                          points[:, 2].min(), points[:, 2].max()])
 
@@ -760,9 +751,9 @@ class ClassifierLogic:
         if transformNode is not None:
             # Box corners into the reference's space, then their bounds there.
             corners = np.array([[x, y, z] for x in bounds[0:2] for y in bounds[2:4] for z in bounds[4:6]])
-            local = _toLocal(corners, transformNode)
+            local = _transformPoints(corners, None, transformNode)
             lo, hi = local.min(axis=0), local.max(axis=0)
-            center = _toWorld([(lo + hi) / 2.0], transformNode)[0]
+            center = _transformPoints([(lo + hi) / 2.0], transformNode, None)[0]
             size = list(hi - lo + 2.0 * float(marginMm))
         return self.createRoi(center=center, size=size, referenceVolume=referenceVolume, name=name, roiNode=roiNode)
 

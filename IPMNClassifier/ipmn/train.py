@@ -431,19 +431,18 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
 
 
 def autocast_for(amp: str, device):
+    """(autocast context, precision used or None) for ``train.amp``; auto = bf16 on CUDA, off on the CPU."""
     import contextlib
 
-    import torch
+    from ipmn.device import autocast
 
     if amp == "auto":
         amp = "bf16" if device.type == "cuda" else "none"
     if amp == "none":
         return contextlib.nullcontext(), None
-    if amp == "fp16":
-        if device.type != "cuda":
-            raise IPMNError("train.amp fp16 needs a CUDA device; use bf16 or none on CPU")
-        return torch.autocast("cuda", dtype=torch.float16), "fp16"
-    return torch.autocast(device.type, dtype=torch.bfloat16), "bf16"
+    if amp == "fp16" and device.type != "cuda":
+        raise IPMNError("train.amp fp16 needs a CUDA device; use bf16 or none on CPU")
+    return autocast(amp, device), amp
 
 
 def class_weight_vector(spec, counts: np.ndarray) -> np.ndarray | None:
