@@ -6,16 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ipmn.augment import cellwise, random_cell_transform, tta_transforms
 from ipmn.errors import IPMNError
 from ipmn.explain import (
     AttentionCapture,
     attention_rollout,
-    cellwise,
     deletion_curve,
     explain,
     minmax_normalize,
-    random_cell_transform,
-    tta_transforms,
 )
 from ipmn.models import GRADCAM_TARGET_LAYERS, build_model
 

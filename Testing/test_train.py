@@ -99,7 +99,7 @@ def _same(a: dict, b: dict) -> bool:
     ],
 )
 def test_unknown_config_key_is_named_with_valid_keys(raw, needle):
-    from ipmn.train import resolve_config
+    from ipmn.config import resolve_config
 
     with pytest.raises(IPMNError) as err:
         resolve_config(raw)
@@ -107,7 +107,7 @@ def test_unknown_config_key_is_named_with_valid_keys(raw, needle):
 
 
 def test_bad_config_values():
-    from ipmn.train import resolve_config
+    from ipmn.config import resolve_config
 
     for raw in (
         {"train": {"optimizer": "lamb"}},
@@ -122,7 +122,7 @@ def test_bad_config_values():
 
 
 def test_presets_and_overrides(tmp_path):
-    from ipmn.train import list_presets, load_config, resolve_config
+    from ipmn.config import list_presets, load_config, resolve_config
 
     assert {"paper", "reference", "practical", "demo"} <= set(list_presets())
     paper = resolve_config(load_config("paper"))
@@ -202,7 +202,7 @@ def test_cache_hits_misses_keys_and_corruption(cases, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ samples
 def test_epoch_plan_is_a_function_of_seed_and_epoch():
-    from ipmn.train import epoch_plan
+    from ipmn.windows import epoch_plan
 
     starts = [list(range(8)), list(range(3)), list(range(12))]
     a = epoch_plan(starts, 4, seed=3, epoch=2)
@@ -247,9 +247,10 @@ def reference_run(cases, cache_dir, tmp_path_factory):
 
 
 def test_train_writes_a_complete_package(reference_run, cases):
+    from ipmn.checkpoint import read_tensors
     from ipmn.models import load_package
     from ipmn.predict import Predictor
-    from ipmn.train import class_weight_vector, read_tensors
+    from ipmn.train import class_weight_vector
 
     out, summary = reference_run["out"], reference_run["summary"]
     cfg = json.loads((out / "model" / "config.json").read_text())
@@ -286,7 +287,7 @@ def test_train_writes_a_complete_package(reference_run, cases):
     # the engine's predictor reads it back and gives the probabilities training's own evaluation gives
     from ipmn.cache import GridCache, standardize
     from ipmn.preprocess import PreprocessConfig
-    from ipmn.train import predict_cases
+    from ipmn.windows import predict_cases
 
     c = reference_run["val"][0]
     result = Predictor(out / "model", device="cpu", precision="fp32").predict(c.t1, c.t2, c.roi, fidelity=False)
@@ -326,7 +327,8 @@ _KILL_SCRIPT = textwrap.dedent("""
 
 
 def test_kill_and_resume_gives_identical_weights(reference_run, cohort, tmp_path):
-    from ipmn.train import read_tensors, train_model
+    from ipmn.checkpoint import read_tensors
+    from ipmn.train import train_model
 
     script = tmp_path / "kill_me.py"
     script.write_text(_KILL_SCRIPT)
@@ -397,7 +399,8 @@ def test_kill_and_resume_gives_identical_weights(reference_run, cohort, tmp_path
 def test_disk_full_leaves_the_last_good_checkpoint(reference_run, tmp_path, monkeypatch):
     import safetensors.torch
 
-    from ipmn.train import read_tensors, train_model
+    from ipmn.checkpoint import read_tensors
+    from ipmn.train import train_model
 
     real = safetensors.torch.save_file
     calls = {"checkpoint": 0}
@@ -579,7 +582,8 @@ _DDP_SCRIPT = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     from ipmn.cohort import load_cohort
-    from ipmn.train import dist_info, train_model
+    from ipmn.device import dist_info
+    from ipmn.train import train_model
 
     cfg = json.loads(sys.argv[1])
     ids = json.loads(sys.argv[2])

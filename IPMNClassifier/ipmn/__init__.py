@@ -6,4 +6,4 @@ Import submodules explicitly (``ipmn.grid``, ``ipmn.models`` ...) so that light 
 
 __version__ = "0.1.0"
 
-CLASS_NAMES = ("normal", "low", "high")
+from ipmn.vocab import CLASS_NAMES  # noqa: E402,F401 - the package-level name of the three grades

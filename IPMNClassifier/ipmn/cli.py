@@ -42,12 +42,13 @@ def cmd_phantoms(args) -> int:
 def cmd_grid(args) -> int:
     import numpy as np
 
+    from ipmn.config import PreprocessConfig, read_yaml
     from ipmn.grid import case_windows
     from ipmn.inputs import load_inputs
-    from ipmn.preprocess import PreprocessConfig, prepare_case
+    from ipmn.preprocess import prepare_case
 
     modalities = tuple(args.modalities.split(",")) if args.modalities else ("t1", "t2")
-    cfg = PreprocessConfig.from_dict(_load_yaml(args.config).get("preprocess") if args.config else None)
+    cfg = PreprocessConfig.from_dict(read_yaml(args.config).get("preprocess") if args.config else None)
     if args.cell:
         cfg.cell = args.cell
     volumes, roi = load_inputs(args.t1, args.t2, args.roi, args.mask, modalities, args.margin, args.nonfinite)
@@ -124,21 +125,6 @@ def cmd_cohort(args) -> int:
         print(f"{summary['n_cases']} cases ({summary['n_patients']} patients): {per_class}; "
               f"centres {summary['per_center']}; T1 {summary['with_t1']}, T2 {summary['with_t2']}")
     return 0
-
-
-def _load_yaml(path) -> dict:
-    import yaml
-
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
-    except FileNotFoundError as exc:
-        raise IPMNError(f"config file not found: {path}") from exc
-    except (OSError, yaml.YAMLError) as exc:
-        raise IPMNError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
-    if not isinstance(data, dict):
-        raise IPMNError(f"config file {path} must hold a mapping of options")
-    return data
 
 
 # ------------------------------------------------------------------------------------------- parser

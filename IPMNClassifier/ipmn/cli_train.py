@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 from ipmn.errors import IPMNError
+from ipmn.vocab import MODALITY_SETS
 
-MODALITY_CHOICES = ("t1t2", "t1", "t2")
-_MODS = {"t1t2": ["t1", "t2"], "t1": ["t1"], "t2": ["t2"]}
+MODALITY_CHOICES = tuple(MODALITY_SETS)
 
 
 def _common(p, run_word: str) -> None:
@@ -89,7 +89,7 @@ def _overrides(args, cv: bool = False) -> dict:
         raise IPMNError(f"--lr must be positive (got {args.lr})")
     out = {"train": train, "data": {"cache_dir": args.cache_dir}}
     if not cv:
-        out["model"] = {"arch": args.arch, "modalities": _MODS[args.modalities] if args.modalities else None,
+        out["model"] = {"arch": args.arch, "modalities": MODALITY_SETS[args.modalities] if args.modalities else None,
                         "fusion": args.fusion}
     else:
         c = {"outer": args.outer, "inner": args.inner, "seed": args.seed, "group_by": args.group_by,
@@ -103,50 +103,26 @@ def _overrides(args, cv: bool = False) -> dict:
     return out
 
 
-def _stored_train_run(work: Path) -> dict | None:
-    import json
-
-    try:
-        stored = json.loads((work / "run.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise IPMNError(f"{work / 'run.json'} is damaged; pass --overwrite to restart") from exc
-    if stored.get("kind") != "ipmn-train" or "config" not in stored:
-        raise IPMNError(f"{work} does not hold an ipmn training run; choose another --work-dir")
-    return stored
 
 
 def _drop_vit_overrides_for_cnn(raw: dict, arch: str) -> None:
     """``--arch densenet121`` on a ViT config: the ViT-only keys (depth, embed_dim ...) do not apply."""
-    from ipmn.models import VIT_OVERRIDES, is_vit_arch
-    from ipmn.train import MODEL_ALIASES
+    from ipmn.config import VIT_OVERRIDES
+    from ipmn.models import is_vit_arch
+    from ipmn.vocab import resolve_arch
 
-    if not is_vit_arch(MODEL_ALIASES.get(arch, arch)):
+    if not is_vit_arch(resolve_arch(arch)):
         for key in VIT_OVERRIDES:
             (raw.get("model") or {}).pop(key, None)
 
 
 def _progress(args):
+    from ipmn.device import dist_info
     from ipmn.progress import Progress
-    from ipmn.train import dist_info
 
     return Progress(args.progress if dist_info()[0] == 0 else "none")  # under torchrun only rank 0 reports
 
 
-def _cohort_info(spec) -> dict:
-    import json
-    from pathlib import Path
-
-    from ipmn.train import is_phantom_cohort
-
-    synthetic = is_phantom_cohort(spec)
-    source = str(spec)
-    if synthetic:  # name the command that regenerates the very same cases, not a local path
-        p = Path(spec)
-        truth = json.loads(((p if p.is_dir() else p.parent) / "phantom_truth.json").read_text(encoding="utf-8"))
-        source = f"`ipmn phantoms --n {truth['n']} --seed {truth['seed']} --centers {truth.get('centers', 1)}`"
-    return {"source": source, "synthetic": synthetic}
 
 
 def _device(args) -> str:
@@ -158,12 +134,15 @@ def _device(args) -> str:
 # ------------------------------------------------------------------------------------------------ commands
 def cmd_train(args) -> int:
     from ipmn.cohort import load_cohort, summarize, usable
-    from ipmn.train import load_config, pick_cases, resolve_config, split_validation, train_model
+    from ipmn.config import load_config, resolve_config
+    from ipmn.runs import cohort_info, stored_train_run
+    from ipmn.splits import pick_cases, split_validation
+    from ipmn.train import train_model
 
     out = Path(args.out)
     work = Path(args.work_dir) if args.work_dir else out.parent / f"{out.name}.train"
     progress = _progress(args)
-    stored = _stored_train_run(work) if args.resume and not args.overwrite else None
+    stored = stored_train_run(work) if args.resume and not args.overwrite else None
     if stored is not None:
         # --resume continues the run in the folder with the settings and splits it was started with
         cfg = resolve_config(stored["config"])
@@ -194,7 +173,7 @@ def cmd_train(args) -> int:
     s = summarize(train)
     progress.stage("cohort", f"{s['n_cases']} training case(s) {s['per_class']}, {len(val)} validation case(s)")
     summary = train_model(train, cfg, work, val_cases=val, device=_device(args), progress=progress,
-                          resume=args.resume, package_dir=out, cohort_info=_cohort_info(args.cohort),
+                          resume=args.resume, package_dir=out, cohort_info=cohort_info(args.cohort),
                           overwrite=args.overwrite)
     vm = summary.get("val_metrics") or {}
     msg = f"model package written to {out} (epoch {summary['selected_epoch']} of {summary['epochs_run']})"
@@ -211,8 +190,9 @@ def cmd_cv(args) -> int:
     import json
 
     from ipmn.cohort import load_cohort
+    from ipmn.config import load_config, resolve_config
     from ipmn.cv import make_variants, run_cv
-    from ipmn.train import load_config, resolve_config
+    from ipmn.runs import cohort_info
 
     progress = _progress(args)
     cohort = args.cohort
@@ -236,7 +216,7 @@ def cmd_cv(args) -> int:
         raise IPMNError(f"--fold must be >= 0 (got {args.fold})")
     out = run_cv(cases, cfg, args.out, models=args.models, modalities=args.modalities, fusions=args.fusion,
                  fold=args.fold, device=_device(args), progress=progress, resume=args.resume,
-                 overwrite=args.overwrite, cohort_spec=Path(cohort).resolve(), cohort_info=_cohort_info(cohort),
+                 overwrite=args.overwrite, cohort_spec=Path(cohort).resolve(), cohort_info=cohort_info(cohort),
                  report=not args.no_report)
     if args.progress == "jsonl":
         progress.done(args.out, complete=out["complete"])

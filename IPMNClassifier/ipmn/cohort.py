@@ -16,8 +16,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ipmn import CLASS_NAMES
 from ipmn.errors import IPMNError
+from ipmn.vocab import CLASS_NAMES
 
 REQUIRED = ("case_id", "t1", "t2", "roi", "label")
 OPTIONAL = ("center", "patient_id", "mask")

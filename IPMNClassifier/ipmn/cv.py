@@ -1,9 +1,6 @@
 """Nested cross-validation (``ipmn cv``), paper section IV-C and Tables I–II.
 
-Outer folds: ``StratifiedGroupKFold`` over patients (a patient's cases never sit in two folds),
-stratified by label — jointly by label and centre when the cohort has several centres — so every outer
-test fold holds every class; ``leave_one_center_out`` makes one outer fold per centre instead
-(external validation), and ``group_by: center`` keeps whole centres together. Inner folds split each
+Splits (patient-level, stratified; :mod:`ipmn.splits`): outer folds estimate, inner folds split each
 outer *training* set the same way. Everything chosen is chosen on inner folds only: the epoch (and, with
 ``cv.select: [epoch, lr]``, the learning rate from ``cv.lr_grid``) maximising the mean inner-validation
 ``train.select_metric`` (ties: lower mean validation loss), and the softmax temperature (fitted on the
@@ -33,229 +30,46 @@ from __future__ import annotations
 import copy
 import json
 import math
-import shutil
 import time
-import warnings
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from ipmn import CLASS_NAMES
 from ipmn.errors import IPMNError
 from ipmn.io import write_json
 
-SPLITS_VERSION = 1
-MODALITY_SETS = {"t1t2": ["t1", "t2"], "t1": ["t1"], "t2": ["t2"], "t1,t2": ["t1", "t2"]}
-
-
 # ------------------------------------------------------------------------------------------------ splits
-def _class_name(i: int) -> str:
-    return CLASS_NAMES[i] if 0 <= i < len(CLASS_NAMES) else str(i)
 
 
-def _strata(cases, use_center: bool) -> tuple[np.ndarray, str]:
-    labels = np.array([c.label for c in cases])
-    centers = sorted({c.center for c in cases if c.center})
-    if use_center and len(centers) > 1:
-        code = {c: i for i, c in enumerate(centers)}
-        return labels * len(centers) + np.array([code.get(c.center, 0) for c in cases]), "label+center"
-    return labels, "label"
 
 
-def _groups(cases, group_by: str) -> np.ndarray:
-    if group_by == "center":
-        return np.array([c.center or "-" for c in cases])
-    return np.array([c.patient_id or c.case_id for c in cases])
 
 
-def _check_class_groups(cases, groups, n_splits: int, flag: str, where: str) -> None:
-    by_class: dict[int, set] = {}
-    for c, g in zip(cases, groups, strict=True):
-        by_class.setdefault(c.label, set()).add(g)
-    if len(by_class) < 2:
-        raise IPMNError(f"{where} has fewer than two classes ({[_class_name(k) for k in by_class]}); "
-                        "cross-validation of a classifier needs at least two")
-    short = {k: len(v) for k, v in by_class.items() if len(v) < n_splits}
-    if short:
-        worst = min(short.values())
-        unit = "patients" if flag != "--group-by center" else "centres"
-        names = ", ".join(f"'{_class_name(k)}' has {v} {unit}" for k, v in sorted(short.items()))
-        opt = "--inner" if "inner" in where else "--outer"
-        if worst >= 2:
-            hint = f"use {opt} {worst} or fewer"
-        elif opt == "--inner":
-            hint = "use fewer outer folds (larger outer training sets) or add cases of that class"
-        else:
-            hint = "add cases of that class (at least two are needed)"
-        raise IPMNError(
-            f"{where}: class {names}, fewer than the {n_splits} folds asked for, so some test folds would miss it; "
-            + hint
-        )
 
 
-def _kfold(cases, n_splits: int, seed: int, group_by: str, use_center: bool, need_all_classes: bool):
-    """StratifiedGroupKFold, retried with derived seeds until every test fold holds every class."""
-    from sklearn.model_selection import StratifiedGroupKFold
-
-    groups = _groups(cases, group_by)
-    classes = {c.label for c in cases}
-    tries = []
-    options = [False]
-    if use_center:
-        joint, _ = _strata(cases, True)
-        # joint label x centre strata only where every stratum can be spread over the folds
-        if np.bincount(joint).max() > 0 and min(np.bincount(joint)[np.bincount(joint) > 0]) >= n_splits:
-            options = [True, False]
-    for strat_center in options:
-        y, how = _strata(cases, strat_center)
-        for attempt in range(20):
-            rs = int(seed) * 1009 + attempt
-            sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=rs)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # class counts are checked with clearer messages
-                folds = [(tr.tolist(), te.tolist()) for tr, te in sgkf.split(np.zeros(len(cases)), y, groups)]
-            missing = sum(len(classes - {cases[i].label for i in te}) for _, te in folds)
-            tries.append((missing, folds, how, attempt))
-            if missing == 0 or not need_all_classes:
-                return folds, how, attempt
-    missing, folds, how, attempt = min(tries, key=lambda t: t[0])
-    return folds, how, attempt
 
 
-def make_splits(cases, outer: int = 10, inner: int = 3, seed: int = 0, group_by: str = "patient",
-                leave_one_center_out: bool = False, stratify_center: bool = True) -> dict:
-    """Nested, patient-level splits as a JSON-able dict (case ids, not indices)."""
-    cases = list(cases)
-    if not cases:
-        raise IPMNError("the cohort has no cases")
-    centers = sorted({c.center for c in cases if c.center})
-    if leave_one_center_out:
-        if len(centers) < 2:
-            raise IPMNError("--leave-one-center-out needs a 'center' column with at least two centres "
-                            f"(found {centers or 'none'})")
-        if any(not c.center for c in cases):
-            raise IPMNError("--leave-one-center-out: some cases have no centre")
-        outer = len(centers)
-        _check_class_groups(cases, _groups(cases, "patient"), 1, "--outer", "the cohort")
-        outer_folds = [([i for i, c in enumerate(cases) if c.center != ctr], [i for i, c in enumerate(cases) if c.center == ctr])
-                       for ctr in centers]
-        how, attempt = "centre", 0
-    else:
-        if group_by == "center" and len(centers) < outer:
-            raise IPMNError(f"--group-by center with --outer {outer} needs at least {outer} centres (found {len(centers)})")
-        _check_class_groups(cases, _groups(cases, group_by), outer,
-                            "--group-by center" if group_by == "center" else "--outer", "the cohort")
-        outer_folds, how, attempt = _kfold(cases, outer, seed, group_by, stratify_center, True)
-    folds = []
-    for k, (tr, te) in enumerate(outer_folds):
-        # patient guard: with centre-level folds a patient scanned at two centres must not train and test
-        test_patients = {cases[i].patient_id or cases[i].case_id for i in te}
-        dropped = [cases[i].case_id for i in tr if (cases[i].patient_id or cases[i].case_id) in test_patients]
-        tr = [i for i in tr if (cases[i].patient_id or cases[i].case_id) not in test_patients]
-        train_cases = [cases[i] for i in tr]
-        _check_class_groups(train_cases, _groups(train_cases, "patient"), inner, "--inner",
-                            f"the training set of outer fold {k} (inner folds)")
-        inner_folds, inner_how, inner_attempt = _kfold(train_cases, inner, seed * 7919 + k + 1, "patient",
-                                                       stratify_center, True)
-        fold = {
-            "fold": k,
-            "train": [cases[i].case_id for i in tr],
-            "test": [cases[i].case_id for i in te],
-            "inner": [{"train": [train_cases[i].case_id for i in itr], "val": [train_cases[i].case_id for i in ite]}
-                      for itr, ite in inner_folds],
-            "inner_stratified_by": inner_how,
-        }
-        if dropped:
-            fold["excluded_from_train"] = dropped
-        if leave_one_center_out:
-            fold["test_center"] = centers[k]
-        folds.append(fold)
-    splits = {
-        "version": SPLITS_VERSION,
-        "seed": int(seed),
-        "outer": int(outer),
-        "inner": int(inner),
-        "group_by": "center (leave one out)" if leave_one_center_out else group_by,
-        "leave_one_center_out": bool(leave_one_center_out),
-        "stratified_by": how,
-        "retries": int(attempt),
-        "cases": [{"case_id": c.case_id, "label": int(c.label), "patient_id": c.patient_id or c.case_id,
-                   "center": c.center} for c in cases],
-        "folds": folds,
-    }
-    verify_splits(splits)
-    return splits
 
 
-def verify_splits(splits: dict) -> list[str]:
-    """Invariants (raise on leakage): no patient in two outer test folds, test ∩ train = ∅ at both levels,
-    inner folds inside the outer training set. Returns warnings (e.g. a test fold missing a class)."""
-    info = {c["case_id"]: c for c in splits["cases"]}
-    seen_patient: dict[str, int] = {}
-    warnings = []
-    all_labels = {c["label"] for c in splits["cases"]}
-    for fold in splits["folds"]:
-        k = fold["fold"]
-        test, train = set(fold["test"]), set(fold["train"])
-        if test & train:
-            raise IPMNError(f"splits: fold {k} has cases in both train and test")
-        tp = {info[c]["patient_id"] for c in test}
-        if tp & {info[c]["patient_id"] for c in train}:
-            raise IPMNError(f"splits: fold {k} has a patient in both train and test")
-        for p in tp:
-            if p in seen_patient:
-                raise IPMNError(f"splits: patient {p} is in the test sets of folds {seen_patient[p]} and {k}")
-            seen_patient[p] = k
-        for j, inn in enumerate(fold["inner"]):
-            used = set(inn["train"]) | set(inn["val"])
-            if used & test:
-                raise IPMNError(f"splits: inner fold {j} of outer fold {k} touches the outer test fold")
-            if not used <= train:
-                raise IPMNError(f"splits: inner fold {j} of outer fold {k} uses cases outside the outer training set")
-        missing = all_labels - {info[c]["label"] for c in test}
-        if missing and not splits.get("leave_one_center_out"):
-            warnings.append(f"outer test fold {k} has no {', '.join(_class_name(m) for m in sorted(missing))} case")
-    return warnings
 
 
-def load_or_make_splits(run_dir: Path, cases, cv: dict, splits: dict | None = None) -> dict:
-    """The run's splits.json (checked against the cohort), or new splits written there first."""
-    path = Path(run_dir) / "splits.json"
-    ids = [c.case_id for c in cases]
-    if path.exists():
-        splits = json.loads(path.read_text(encoding="utf-8"))
-        stored = [c["case_id"] for c in splits["cases"]]
-        if stored != ids or [c["label"] for c in splits["cases"]] != [int(c.label) for c in cases]:
-            raise IPMNError(f"{path} was made for a different cohort; use another --out or --overwrite")
-        return splits
-    if splits is None:
-        splits = make_splits(cases, cv["outer"], cv["inner"], cv["seed"], cv["group_by"], cv["leave_one_center_out"],
-                             cv["stratify_center"])
-    write_json(splits, path)
-    return splits
 
 
 # ------------------------------------------------------------------------------------------------ variants
-def _safe_name(text: str) -> str:
-    import re
-
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"
-
-
 def make_variants(cfg: dict, models=None, modalities=None, fusions=None) -> list[dict]:
     """The (arch, modalities, fusion) combinations to cross-validate on the same splits."""
-    from ipmn.models import VIT_OVERRIDES, is_vit_arch, normalize_config
-    from ipmn.train import MODEL_ALIASES
+    from ipmn.config import VIT_OVERRIDES, normalize_config
+    from ipmn.models import is_vit_arch
+    from ipmn.vocab import modality_set, resolve_arch, slug
 
     base = cfg["model"]
-    archs = [MODEL_ALIASES.get(m, m) for m in (models or [base["arch"]])]
+    archs = [resolve_arch(m) for m in (models or [base["arch"]])]
     mod_sets = []
     for m in modalities or ["+".join(base["modalities"])]:
-        key = str(m).lower().replace("+", "")
-        if key not in MODALITY_SETS and key.replace(",", "") not in MODALITY_SETS:
+        mods = modality_set(m)
+        if mods is None:
             raise IPMNError(f"--modalities must be t1t2, t1 or t2 (got {m!r})")
-        mod_sets.append(MODALITY_SETS.get(key) or MODALITY_SETS[key.replace(",", "")])
+        mod_sets.append(mods)
     fus = list(fusions or [base["fusion"]])
     for f in fus:
         if f not in ("early", "late"):
@@ -285,7 +99,7 @@ def make_variants(cfg: dict, models=None, modalities=None, fusions=None) -> list
         name = v["arch"]
         if several_inputs:
             name += "-" + "".join(v["modalities"]) + ("-" + v["fusion"] if len(v["modalities"]) == 2 else "")
-        v["name"] = _safe_name(name)
+        v["name"] = slug(name)
         v["label"] = _variant_label(v, several_inputs, len({x["arch"] for x in out}) > 1)
     return out
 
@@ -300,46 +114,8 @@ def _variant_label(v: dict, inputs: bool, archs: bool) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ run folder
-def _run_identity(cfg: dict, variants: list, cases, cohort_spec) -> dict:
-    from ipmn.train import LOGGING_ONLY, config_digest
-
-    ident = {
-        "config": {k: cfg[k] for k in ("preprocess", "data")}
-        | {"train": {k: v for k, v in cfg["train"].items() if k not in LOGGING_ONLY}}
-        | {"cv": {k: v for k, v in cfg["cv"].items() if k != "examples"}},
-        "variants": [{"name": v["name"], "model": v["model"]} for v in variants],
-        "cases": [(c.case_id, int(c.label), c.patient_id, c.center) for c in cases],
-    }
-    return {"fingerprint": config_digest(ident), **ident}
 
 
-def prepare_run_dir(run_dir: Path, identity: dict, resume: bool, overwrite: bool, extra: dict) -> dict | None:
-    """Create / check the run folder. Returns the stored run.json when continuing a different run (--resume)."""
-    run_dir = Path(run_dir)
-    run_json = run_dir / "run.json"
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not run_json.exists():
-            raise IPMNError(f"{run_dir} is not empty and is not an ipmn cv run folder; choose another --out")
-        try:
-            stored = json.loads(run_json.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise IPMNError(f"{run_json} is damaged; pass --overwrite to restart the run") from exc
-        if stored.get("kind") != "ipmn-cv":
-            raise IPMNError(f"{run_dir} holds something else than a cv run ({stored.get('kind')}); choose another --out")
-        if stored.get("fingerprint") == identity["fingerprint"] and not overwrite:
-            return None
-        if overwrite:
-            shutil.rmtree(run_dir)
-        elif resume:
-            return stored
-        else:
-            raise IPMNError(
-                f"{run_dir} holds a different cv run (other settings or cohort); pass --resume to continue that run "
-                "with its own settings, --overwrite to replace it, or choose another --out"
-            )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json({"kind": "ipmn-cv", **identity, **extra, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, run_json)
-    return None
 
 
 # ------------------------------------------------------------------------------------------------ one fold
@@ -370,11 +146,12 @@ def _select(curves: list[dict], metric: str) -> dict:
 def run_fold(run_dir: Path, variant: dict, cfg: dict, splits: dict, fold: int, cases_by_id: dict, grids: dict,
              device="cpu", progress=None, cohort_info=None) -> dict:
     """Run (or resume) one outer fold of one variant; returns its result (also in result.json)."""
-    from ipmn.device import resolve_device
+    from ipmn.device import autocast_for, dist_info, resolve_device
     from ipmn.metrics import classification_metrics, fit_temperature, softmax
     from ipmn.models import load_package
     from ipmn.progress import Progress
-    from ipmn.train import autocast_for, dist_info, predict_cases, prepare_arrays, train_model
+    from ipmn.train import train_model
+    from ipmn.windows import predict_cases, prepare_arrays
 
     progress = progress or Progress("none")
     rank, world, local_rank = dist_info()
@@ -538,16 +315,20 @@ def run_cv(cases, config, run_dir, models=None, modalities=None, fusions=None, f
     that outer fold. With ``resume`` a folder holding a different run is continued with *its* settings.
     """
     from ipmn.cohort import summarize
+    from ipmn.config import is_resolved, resolve_config
+    from ipmn.device import dist_info
     from ipmn.progress import Progress
-    from ipmn.train import _is_resolved, check_labels, dist_info, load_grids, resolve_config
+    from ipmn.runs import cv_identity, prepare_cv_folder
+    from ipmn.splits import check_labels, load_or_make_splits, make_splits, verify_splits
+    from ipmn.windows import load_grids
 
     progress = progress or Progress("none")
     run_dir = Path(run_dir)
-    cfg = config if _is_resolved(config) else resolve_config(config)
+    cfg = config if is_resolved(config) else resolve_config(config)
     cases = list(cases)
     check_labels(cases, cfg["model"]["num_classes"], "the cohort")
     variants = make_variants(cfg, models, modalities, fusions)
-    identity = _run_identity(cfg, variants, cases, cohort_spec)
+    identity = cv_identity(cfg, variants, cases)
     rank, world, _ = dist_info()
     if rank != 0:
         progress = Progress("none")
@@ -564,7 +345,7 @@ def run_cv(cases, config, run_dir, models=None, modalities=None, fusions=None, f
             raise IPMNError(f"--fold {fold} does not exist: this run has folds 0-{len(fresh['folds']) - 1}")
     stored = None
     if rank == 0:
-        stored = prepare_run_dir(run_dir, identity, resume, overwrite, extra)
+        stored = prepare_cv_folder(run_dir, identity, resume, overwrite, extra)
     if world > 1:
         import torch.distributed as dist
 
@@ -631,13 +412,3 @@ def run_cv(cases, config, run_dir, models=None, modalities=None, fusions=None, f
     return out
 
 
-def fold_counts(splits: dict) -> list[dict]:
-    """Per outer fold: class counts of train and test (for the report)."""
-    labels = {c["case_id"]: c["label"] for c in splits["cases"]}
-    rows = []
-    for f in splits["folds"]:
-        tr, te = Counter(labels[i] for i in f["train"]), Counter(labels[i] for i in f["test"])
-        classes = sorted(set(tr) | set(te))
-        rows.append({"fold": f["fold"], "train": {_class_name(c): tr.get(c, 0) for c in classes},
-                     "test": {_class_name(c): te.get(c, 0) for c in classes}, "test_center": f.get("test_center")})
-    return rows

@@ -1,6 +1,9 @@
-"""Choosing the torch device from a user's ``--device`` (shared by predict, train and cv)."""
+"""Where code runs: the torch device from a user's ``--device``, the numeric precision, and the
+distributed rank under torchrun (shared by predict, train and cv)."""
 
 from __future__ import annotations
+
+import os
 
 from ipmn.errors import IPMNError
 
@@ -75,3 +78,26 @@ def autocast(precision: str, device):
     if precision not in dtypes:
         raise ValueError(f"autocast takes a resolved precision (fp32, bf16 or fp16), not {precision!r}")
     return torch.autocast(kind, dtype=dtypes[precision])
+
+
+def dist_info() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment variables."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    return rank, world, local
+
+
+def autocast_for(amp: str, device):
+    """(autocast context, precision used or None) for ``train.amp``; auto = bf16 on CUDA, off on the CPU."""
+    import contextlib
+
+    from ipmn.device import autocast
+
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "none"
+    if amp == "none":
+        return contextlib.nullcontext(), None
+    if amp == "fp16" and device.type != "cuda":
+        raise IPMNError("train.amp fp16 needs a CUDA device; use bf16 or none on CPU")
+    return autocast(amp, device), amp

@@ -8,16 +8,15 @@
 * :func:`explain` - logits plus one ``[0, 1]`` map per sample at the input resolution: rollout for
   ViTs, Grad-CAM (``monai.visualize.GradCAM`` with our own, non-inverting min-max normaliser) for CNNs.
 * :func:`deletion_curve` - faithfulness check: delete patches by decreasing saliency vs at random.
-* :func:`tta_transforms` / :func:`cellwise` - flips / 90-degree rotations applied to every 64-px cell of
-  the 3x3 slice grid in place (each cell stays on its slice), with inverses for the maps.
+
+Test-time flips and turns of the grid (with inverses for the maps) are in :mod:`ipmn.augment`.
 
 monai is imported lazily (only by Grad-CAM).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,13 +33,9 @@ __all__ = [
     "METHODS",
     "AttentionCapture",
     "attention_rollout",
-    "cell_transform",
-    "cellwise",
     "deletion_curve",
     "explain",
     "minmax_normalize",
-    "random_cell_transform",
-    "tta_transforms",
 ]
 
 
@@ -410,111 +405,3 @@ def deletion_curve(
         "fractions": [round(n * s / steps) / n for s in range(steps + 1)],
         "patch": patch,
     }
-
-
-# --------------------------------------------------------------------------------------------------
-# cell-wise transforms (TTA and training augmentation)
-# --------------------------------------------------------------------------------------------------
-
-
-def cellwise(fn: Callable[[torch.Tensor], torch.Tensor], k: int = 9, cell: int = 64):
-    """Wrap ``fn`` (acting on the last two dims) so it acts on each ``cell x cell`` tile of a
-    ``sqrt(k) x sqrt(k)`` grid image in place: tensors ``(..., H, W)`` with ``H = W = sqrt(k) * cell``."""
-    n = math.isqrt(int(k))
-    if n * n != k or cell < 1:
-        raise IPMNError(f"k must be a perfect square and cell positive, got k={k}, cell={cell}")
-    size = n * cell
-
-    def apply(t: torch.Tensor) -> torch.Tensor:
-        if t.ndim < 2 or tuple(t.shape[-2:]) != (size, size):
-            raise IPMNError(
-                f"expected a ({size}, {size}) grid image ({n}x{n} cells of {cell} px), got {tuple(t.shape)}"
-            )
-        lead = t.shape[:-2]
-        tiles = t.reshape(*lead, n, cell, n, cell).transpose(-3, -2)  # (..., row, col, cell, cell)
-        tiles = fn(tiles)
-        if tuple(tiles.shape[-2:]) != (cell, cell):
-            raise ValueError("cellwise: fn must keep the cell shape")
-        return tiles.transpose(-3, -2).reshape(*lead, size, size)
-
-    return apply
-
-
-def _dihedral(t: torch.Tensor, hflip: bool, rot: int) -> torch.Tensor:
-    """Rotate by ``rot`` quarter turns (counter-clockwise) then optionally flip left-right."""
-    if rot % 4:
-        t = torch.rot90(t, rot % 4, dims=(-2, -1))
-    if hflip:
-        t = torch.flip(t, dims=(-1,))
-    return t
-
-
-def _dihedral_inverse(t: torch.Tensor, hflip: bool, rot: int) -> torch.Tensor:
-    if hflip:
-        t = torch.flip(t, dims=(-1,))
-    if rot % 4:
-        t = torch.rot90(t, -(rot % 4), dims=(-2, -1))
-    return t
-
-
-def cell_transform(
-    t: torch.Tensor, k: int = 9, cell: int = 64, hflip: bool = False, rot: int = 0, inverse: bool = False
-):
-    """Apply (or undo) "rotate ``rot`` quarter turns, then flip" to every cell of a grid image in place."""
-    if inverse:
-        return cellwise(lambda c: _dihedral_inverse(c, hflip, rot), k, cell)(t)
-    return cellwise(lambda c: _dihedral(c, hflip, rot), k, cell)(t)
-
-
-class _CellOp:
-    def __init__(self, name: str, hflip: bool, rot: int, k: int, cell: int, inverse: bool):
-        self.name, self.hflip, self.rot, self.inverse = name, hflip, rot, inverse
-        self.k, self.cell = k, cell
-
-    def __call__(self, t: torch.Tensor) -> torch.Tensor:
-        return cell_transform(t, self.k, self.cell, self.hflip, self.rot, inverse=self.inverse)
-
-    def __repr__(self) -> str:
-        return f"{self.name}{'^-1' if self.inverse else ''}"
-
-
-def tta_transforms(
-    k: int = 9, cell: int = 64, with_flip_rot: bool = False
-) -> list[tuple[Callable, Callable]]:
-    """Test-time augmentations as ``(forward, inverse)`` pairs acting cell-wise on ``(..., H, W)``.
-
-    identity, hflip, rot90, rot180, rot270 (each applied to every cell in place, so each cell stays on
-    its slice); ``with_flip_rot`` adds hflip after rot90/180/270 (the full dihedral group, 8 in all).
-    ``forward`` transforms images; ``inverse`` maps an explanation computed on the transformed image
-    back onto the original one. Each callable has a ``name``.
-    """
-    specs = [
-        ("identity", False, 0),
-        ("hflip", True, 0),
-        ("rot90", False, 1),
-        ("rot180", False, 2),
-        ("rot270", False, 3),
-    ]
-    if with_flip_rot:
-        specs += [("rot90+hflip", True, 1), ("rot180+hflip", True, 2), ("rot270+hflip", True, 3)]
-    return [
-        (_CellOp(name, flip, rot, k, cell, inverse=False), _CellOp(name, flip, rot, k, cell, inverse=True))
-        for name, flip, rot in specs
-    ]
-
-
-def random_cell_transform(
-    x: torch.Tensor, k: int = 9, cell: int = 64, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Training augmentation (paper): per sample a random horizontal flip (p=0.5) and a random number of
-    quarter turns, applied identically to all cells (slices) of that sample's grid. ``x``: (B, C, H, W)."""
-    if x.ndim != 4:
-        raise IPMNError(f"random_cell_transform takes (B, C, H, W), got {tuple(x.shape)}")
-    flips = torch.randint(0, 2, (x.shape[0],), generator=generator).tolist()
-    rots = torch.randint(0, 4, (x.shape[0],), generator=generator).tolist()
-    return torch.stack(
-        [
-            cell_transform(x[i], k, cell, bool(f), int(r))
-            for i, (f, r) in enumerate(zip(flips, rots, strict=True))
-        ]
-    )

@@ -26,13 +26,13 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from ipmn import CLASS_NAMES
 from ipmn.device import autocast, resolve_device, resolve_precision
 from ipmn.errors import IPMNError
 from ipmn.grid import case_windows, central_start, roi_to_reference, window_to_roi
 from ipmn.inputs import load_inputs
 from ipmn.io import geometry, write_image, write_json
 from ipmn.preprocess import PreprocessConfig, prepare_case
+from ipmn.vocab import CLASS_NAMES
 
 SCHEMA = "ipmn.prediction/1"
 DEFAULT_LEVELS = (20.0, 10.0, 5.0)  # label 1, 2, 3 = top 20 %, 10 %, 5 % of attention inside the ROI
@@ -81,7 +81,8 @@ class Predictor:
 
     def _run_model(self, model, x: torch.Tensor, tta: bool):
         """(probabilities (W, classes), maps (W, H, W)) averaged over TTA."""
-        from ipmn.explain import explain, tta_transforms
+        from ipmn.augment import tta_transforms
+        from ipmn.explain import explain
 
         transforms = tta_transforms(self.k, self.cell) if tta else [(lambda t: t, lambda t: t)]
         probs, maps = [], []

@@ -12,60 +12,16 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import numpy as np
 import SimpleITK as sitk
 
+from ipmn.config import PreprocessConfig
 from ipmn.errors import IPMNError
 from ipmn.grid import RoiGrid, coverage, crop_to_roi, make_roi_grid, resample_to_grid
 from ipmn.roi import ROI
-
-MODALITIES = ("t1", "t2")
-
-
-@dataclass
-class PreprocessConfig:
-    cell: int = 64  # grid pixels across the ROI in-plane
-    reference: str = "t1"  # modality whose slice spacing sets the grid's slices
-    slice_spacing: float | None = None  # override the reference's slice spacing (mm)
-    margin_mm: float = 20.0  # context around the ROI for N4 / smoothing
-    n4: bool = True
-    n4_shrink: int = 4
-    n4_iterations: tuple = (25, 15)  # 2 fitting levels: same residual bias as (50, 50, 30) here, ~45 % faster
-    smoothing: str = "curvature"  # "curvature" | "gradient" | "none"
-    smoothing_iterations: int = 5
-    smoothing_conductance: float = 1.0
-    antialias: bool = True  # Gaussian prefilter when the grid is much coarser than the volume
-    standardize: str = "zscore"  # "zscore" | "nyul" | "none"
-    scale01: bool = True
-    scale_percentiles: tuple = (0.5, 99.5)
-    min_coverage: float = 0.5  # refuse a modality that covers less of the ROI grid than this
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> PreprocessConfig:
-        d = dict(d or {})
-        valid = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - valid)
-        if unknown:
-            raise IPMNError(f"preprocessing: unknown option(s) {unknown}; valid: {sorted(valid)}")
-        for key in ("n4_iterations", "scale_percentiles"):
-            if key in d and d[key] is not None:
-                d[key] = tuple(d[key])
-        cfg = cls(**d)
-        if cfg.smoothing not in ("curvature", "gradient", "none"):
-            raise IPMNError(f"preprocessing: smoothing must be curvature, gradient or none (got {cfg.smoothing!r})")
-        if cfg.standardize not in ("zscore", "nyul", "none"):
-            raise IPMNError(f"preprocessing: standardize must be zscore, nyul or none (got {cfg.standardize!r})")
-        if cfg.cell < 8:
-            raise IPMNError(f"preprocessing: cell must be at least 8 pixels (got {cfg.cell})")
-        return cfg
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["n4_iterations"] = list(self.n4_iterations)
-        d["scale_percentiles"] = list(self.scale_percentiles)
-        return d
+from ipmn.vocab import MODALITIES
 
 
 @dataclass

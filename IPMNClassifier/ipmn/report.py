@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ipmn import CLASS_NAMES
 from ipmn.errors import IPMNError
 from ipmn.io import atomic_path, write_json, write_text
 from ipmn.metrics import (
@@ -40,6 +39,7 @@ from ipmn.metrics import (
     pooled_confusion,
     summarize,
 )
+from ipmn.vocab import CLASS_NAMES
 
 TABLE_METRICS = ("accuracy", "balanced_accuracy", "macro_precision", "macro_recall", "macro_f1", "macro_auc", "ece")
 
@@ -379,7 +379,7 @@ def _html(data: dict, models: list, metrics: dict, run_dir: Path) -> str:
             parts.append("</div>")
 
     parts.append("<h2>Splits</h2>")
-    from ipmn.cv import fold_counts
+    from ipmn.splits import fold_counts
 
     parts.append(_table(["fold", "train (per class)", "test (per class)", "test centre"],
                         [[r["fold"], html.escape(str(r["train"])), html.escape(str(r["test"])), r["test_center"] or ""]

@@ -22,10 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..config import VIT_OVERRIDES  # the config keys passed straight to timm.create_model
 from ..errors import IPMNError
-
-VIT_OVERRIDES = ("depth", "embed_dim", "num_heads", "patch_size")
-"""Config keys passed straight to ``timm.create_model`` for ViTs when set."""
 
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
 """Local pretrained files understood: timm-layout state dicts (safetensors or torch) and Google .npz."""
