@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ipmn.errors import IPMNError
+from ipmn.vocab import is_perfect_square
 
 
 def _dihedral(t, hflip: bool, rot: int):
@@ -70,9 +71,9 @@ def augment_window(window: np.ndarray, hflip: bool, rot: int) -> np.ndarray:
 def cellwise(fn: Callable, k: int = 9, cell: int = 64) -> Callable:
     """Wrap ``fn`` (acting on ``(..., k, cell, cell)`` slices) so that it acts on a tiled grid image
     ``(..., √k·cell, √k·cell)`` slice by slice, each cell staying in place."""
-    n = math.isqrt(int(k))
-    if n * n != k or cell < 1:
+    if not is_perfect_square(k) or cell < 1:
         raise IPMNError(f"k must be a perfect square and cell positive, got k={k}, cell={cell}")
+    n = math.isqrt(k)
     size = n * cell
 
     def apply(t: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,7 @@ import numpy as np
 
 from ipmn.errors import IPMNError
 from ipmn.io import atomic_path, write_json
+from ipmn.vocab import sha256_file
 
 CACHE_VERSION = 1
 # Options applied after the cached stage: they do not enter the key.
@@ -67,14 +68,6 @@ def default_dir() -> Path:
     if os.environ.get("XDG_CACHE_HOME"):
         return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "ipmn"
     return Path.home() / ".cache" / "ipmn"
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -133,7 +126,7 @@ class GridCache:
         memo_key = f"{path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
         memo = self._digest_memo()
         if memo_key not in memo:
-            memo[memo_key] = _sha256_file(path)
+            memo[memo_key] = sha256_file(path)
             self._digests_dirty = True
         return memo[memo_key]
 
@@ -187,7 +180,7 @@ class GridCache:
             return None
         try:
             meta = json.loads(side.read_text(encoding="utf-8"))
-            if meta.get("sha256") != _sha256_file(npz):
+            if meta.get("sha256") != sha256_file(npz):
                 raise ValueError("checksum mismatch")
             with np.load(npz, allow_pickle=False) as z:
                 data = np.asarray(z["data"], dtype=np.float32)
@@ -231,7 +224,7 @@ class GridCache:
             meta = {
                 "version": CACHE_VERSION,
                 "case_id": case.case_id,
-                "sha256": _sha256_file(npz),
+                "sha256": sha256_file(npz),
                 "shape": list(entry.data.shape),
                 "dtype": "float32",
                 "modalities": list(entry.modalities),

@@ -69,16 +69,9 @@ def cmd_grid(args) -> int:
     return 0
 
 
-def _progress_printer(mode):
-    if mode == "jsonl":
-        def report(stage, fraction):
-            print(json.dumps({"event": "stage", "stage": stage, "fraction": round(float(fraction), 3)}), flush=True)
-        return report
-    return None
-
-
 def cmd_predict(args) -> int:
     from ipmn.predict import Predictor, summary_line
+    from ipmn.progress import Progress
 
     models = list(args.ensemble or []) or ([args.model] if args.model else [])
     if not models:
@@ -87,16 +80,18 @@ def cmd_predict(args) -> int:
     result = predictor.predict(
         t1=args.t1, t2=args.t2, roi=args.roi, mask=args.mask, out=args.out, windows=args.windows, tta=args.tta,
         stride=args.stride, margin_mm=args.margin, nonfinite=args.nonfinite, pad=args.pad,
-        fidelity=args.fidelity, progress=_progress_printer(args.progress),
+        fidelity=args.fidelity, progress=Progress(args.progress),
     )
     if args.json:
         print(json.dumps(result, indent=2))
         print(summary_line(result), file=sys.stderr)
     elif args.progress == "jsonl":
-        print(json.dumps({"event": "done", "out": str(args.out), "summary": summary_line(result)}), flush=True)
+        Progress("jsonl").done(args.out, summary=summary_line(result))
     else:
         print(summary_line(result))
-        print(f"outputs in {args.out}/: prediction.json attention.nii.gz attention_labels.nii.gz grid.png")
+        from ipmn.vocab import ATTENTION_FILE, ATTENTION_LABELS_FILE, GRID_PNG_FILE, PREDICTION_FILE
+
+        print(f"outputs in {args.out}/: {PREDICTION_FILE} {ATTENTION_FILE} {ATTENTION_LABELS_FILE} {GRID_PNG_FILE}")
     return 0
 
 
@@ -200,7 +195,9 @@ def main(argv=None) -> int:
     except IPMNError as exc:
         print(f"ipmn: error: {exc}", file=sys.stderr)
         if getattr(args, "progress", None) == "jsonl":
-            print(json.dumps({"event": "error", "message": str(exc)}), flush=True)
+            from ipmn.progress import Progress
+
+            Progress("jsonl").error(str(exc))
         return IPMNError.exit_code
     except KeyboardInterrupt:
         print("ipmn: interrupted", file=sys.stderr)

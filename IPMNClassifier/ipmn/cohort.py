@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ipmn.errors import IPMNError
-from ipmn.vocab import CLASS_NAMES
+from ipmn.vocab import CLASS_NAMES, looks_like_box
 
 REQUIRED = ("case_id", "t1", "t2", "roi", "label")
 OPTIONAL = ("center", "patient_id", "mask")
@@ -103,8 +103,7 @@ def load_manifest(path: str | os.PathLike, modalities=("t1", "t2")) -> list[Case
         roi_value = row.get("roi", "")
         roi = None
         if roi_value:
-            looks_like_box = ":" in roi_value and "," in roi_value and not (root / roi_value).exists()
-            if looks_like_box:
+            if looks_like_box(roi_value, root):
                 roi = roi_value
             else:
                 rp = file_of("roi", True)

@@ -22,6 +22,7 @@ import SimpleITK as sitk
 
 from ipmn.errors import IPMNError
 from ipmn.roi import RAS_TO_LPS, ROI
+from ipmn.vocab import is_perfect_square
 
 # Grid axes in RAS: columns → Left, rows → Posterior, slices → Superior.
 _TARGETS_RAS = np.array([[-1.0, 0.0, 0.0], [0.0, -1.0, 0.0], [0.0, 0.0, 1.0]])
@@ -57,10 +58,6 @@ class RoiGrid:
         image.SetSpacing(self.spacing)
         image.SetDirection(self.direction)
         return image
-
-    def index_to_lps(self, index_xyz) -> np.ndarray:
-        d = np.array(self.direction).reshape(3, 3)
-        return np.array(self.origin) + d @ (np.asarray(index_xyz, dtype=float) * np.array(self.spacing))
 
     def to_dict(self) -> dict:
         return {
@@ -176,10 +173,10 @@ def coverage(image: sitk.Image, grid: RoiGrid) -> float:
 
 # ---------------------------------------------------------------------------------------------- windows
 def grid_side(k: int) -> int:
-    m = int(round(math.sqrt(k)))
-    if m * m != k or k < 1:
+    """√k, the number of cells along each side of the grid; k must be a perfect square."""
+    if not is_perfect_square(k):
         raise IPMNError(f"k must be a perfect square (1, 4, 9, 16, ...); got {k}")
-    return m
+    return math.isqrt(k)
 
 
 def window_starts(n_slices: int, k: int, stride: int = 1) -> list[int]:

@@ -38,9 +38,6 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def probs_to_logits(probs: np.ndarray) -> np.ndarray:
-    """Logits whose softmax is ``probs`` (log-probabilities), safe for zeros."""
-    return np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-12, 1.0))
 
 
 def auc_ovr(y_true: np.ndarray, probs: np.ndarray) -> tuple[float, dict]:

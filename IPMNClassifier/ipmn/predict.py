@@ -32,10 +32,16 @@ from ipmn.grid import case_windows, central_start, roi_to_reference, window_to_r
 from ipmn.inputs import load_inputs
 from ipmn.io import geometry, write_image, write_json
 from ipmn.preprocess import PreprocessConfig, prepare_case
-from ipmn.vocab import CLASS_NAMES
-
-SCHEMA = "ipmn.prediction/1"
-DEFAULT_LEVELS = (20.0, 10.0, 5.0)  # label 1, 2, 3 = top 20 %, 10 %, 5 % of attention inside the ROI
+from ipmn.vocab import (
+    ATTENTION_FILE,
+    ATTENTION_LABELS_FILE,
+    ATTENTION_LEVELS,
+    CLASS_NAMES,
+    GRID_PNG_FILE,
+    PREDICT_OUTPUTS,
+    PREDICTION_FILE,
+    PREDICTION_SCHEMA,
+)
 
 
 def preprocess_of(config: dict) -> tuple[PreprocessConfig, dict | None]:
@@ -106,50 +112,30 @@ class Predictor:
         margin_mm: float = 10.0,
         nonfinite: str = "refuse",
         pad: bool = False,
-        levels=DEFAULT_LEVELS,
+        levels=ATTENTION_LEVELS,
         fidelity: bool = False,
         progress=None,
     ) -> dict:
-        report = progress or (lambda stage, fraction: None)
+        """Grade one case; write the outputs to ``out`` (when given) and return ``prediction.json``'s content.
+
+        ``progress``: an :class:`ipmn.progress.Progress` told each stage with the fraction done.
+        """
+        from ipmn.progress import Progress
+
+        progress = progress or Progress("none")
         timing: dict[str, float] = {}
         t0 = time.perf_counter()
-        report("read", 0.05)
+        progress.stage("read", fraction=0.05)
         volumes, box = load_inputs(t1, t2, roi, mask, self.modalities, margin_mm, nonfinite)
         timing["read"] = time.perf_counter() - t0
 
-        # Preprocess once per distinct preprocessing (fold models may carry their own Nyúl landmarks).
-        report("preprocess", 0.2)
-        t = time.perf_counter()
-        grids: dict[str, object] = {}
-        per_model_case = []
-        for config in self.configs:
-            cfg, landmarks = preprocess_of(config)
-            key = json.dumps([cfg.to_dict(), landmarks], sort_keys=True)
-            if key not in grids:
-                grids[key] = prepare_case(volumes, box, cfg, self.modalities, landmarks)
-            per_model_case.append(grids[key])
+        progress.stage("preprocess", fraction=0.2)
+        per_model_case = self._preprocess(volumes, box, timing)
         case = per_model_case[0]
-        timing["preprocess_wall"] = time.perf_counter() - t  # T1 and T2 run side by side: < sum of stages
-        for name, seconds in case.timing.items():
-            stage = name.split("_", 1)[-1]
-            timing[stage] = timing.get(stage, 0.0) + seconds
 
-        report("model", 0.5)
+        progress.stage("model", fraction=0.5)
         t = time.perf_counter()
-        all_probs, all_maps, starts, first_arr = [], [], None, None
-        explain_time = 0.0
-        for model, mcase in zip(self.models, per_model_case, strict=True):
-            starts, arr = case_windows(mcase.data, self.k, windows, stride, pad)
-            first_arr = arr if first_arr is None else first_arr
-            x = torch.from_numpy(arr).to(self.device)
-            te = time.perf_counter()
-            try:
-                probs, maps = self._run_model(model, x, tta)
-            except torch.cuda.OutOfMemoryError as exc:
-                raise IPMNError("out of GPU memory; run with --device cpu or --windows central") from exc
-            explain_time += time.perf_counter() - te
-            all_probs.append(probs.cpu().numpy())  # (W, C)
-            all_maps.append(maps.cpu().numpy())  # (W, H, W)
+        starts, first_arr, all_probs, all_maps = self._infer(per_model_case, windows, stride, pad, tta)
         timing["model_and_explain"] = time.perf_counter() - t
         model_probs = np.stack([p.mean(0) for p in all_probs])  # (models, C)
         mean_probs = model_probs.mean(0)
@@ -160,14 +146,64 @@ class Predictor:
 
         fid = None
         if fidelity:
-            report("fidelity", 0.7)
+            progress.stage("fidelity", fraction=0.7)
             t = time.perf_counter()
             fid = self._fidelity(first_arr[shown], window_maps[shown], pred)
             timing["fidelity"] = time.perf_counter() - t
 
-        report("maps", 0.8)
+        progress.stage("maps", fraction=0.8)
         t = time.perf_counter()
         reference = volumes[self.modalities[0]] if "t1" not in volumes else volumes["t1"]
+        heat, label_img = self._maps_in_reference(case, window_maps, starts, reference, levels)
+        timing["maps"] = time.perf_counter() - t
+
+        result = self._result(mean_probs, model_probs, all_probs, pred, windows, stride, starts, case, tta, fid,
+                              levels, volumes, box)
+        if out is not None:
+            progress.stage("write", fraction=0.9)
+            t = time.perf_counter()
+            self._write_outputs(Path(out), result, heat, label_img, first_arr[shown], window_maps[shown], timing, t, t0)
+        else:
+            timing["total"] = time.perf_counter() - t0
+            result["timing_s"] = {k: round(v, 4) for k, v in timing.items()}
+        progress.stage("done", fraction=1.0)
+        return result
+
+    def _preprocess(self, volumes, box, timing: dict) -> list:
+        """The case on its ROI grid, once per distinct preprocessing (fold models may carry their own Nyúl
+        landmarks); one entry per model."""
+        t = time.perf_counter()
+        grids: dict[str, object] = {}
+        per_model_case = []
+        for config in self.configs:
+            cfg, landmarks = preprocess_of(config)
+            key = json.dumps([cfg.to_dict(), landmarks], sort_keys=True)
+            if key not in grids:
+                grids[key] = prepare_case(volumes, box, cfg, self.modalities, landmarks)
+            per_model_case.append(grids[key])
+        timing["preprocess_wall"] = time.perf_counter() - t  # T1 and T2 run side by side: < sum of stages
+        for name, seconds in per_model_case[0].timing.items():
+            stage = name.split("_", 1)[-1]
+            timing[stage] = timing.get(stage, 0.0) + seconds
+        return per_model_case
+
+    def _infer(self, per_model_case, windows: str, stride: int, pad: bool, tta: bool):
+        """Every model on its windows: (starts, first model's windows, [probs (W, C)], [maps (W, H, W)])."""
+        all_probs, all_maps, starts, first_arr = [], [], None, None
+        for model, mcase in zip(self.models, per_model_case, strict=True):
+            starts, arr = case_windows(mcase.data, self.k, windows, stride, pad)
+            first_arr = arr if first_arr is None else first_arr
+            x = torch.from_numpy(arr).to(self.device)
+            try:
+                probs, maps = self._run_model(model, x, tta)
+            except torch.cuda.OutOfMemoryError as exc:
+                raise IPMNError("out of GPU memory; run with --device cpu or --windows central") from exc
+            all_probs.append(probs.cpu().numpy())
+            all_maps.append(maps.cpu().numpy())
+        return starts, first_arr, all_probs, all_maps
+
+    def _maps_in_reference(self, case, window_maps, starts, reference, levels):
+        """Window maps → the ROI grid (normalised to a peak of 1) → T1's geometry; plus the level labels."""
         roi_map = window_to_roi(list(window_maps), starts, case.n_slices, self.k)
         peak = float(roi_map.max())
         if peak > 0:
@@ -182,22 +218,27 @@ class Predictor:
         labels = attention_labels(sitk.GetArrayViewFromImage(heat), inside, levels)
         label_img = sitk.GetImageFromArray(labels)
         label_img.CopyInformation(reference)
-        timing["maps"] = time.perf_counter() - t
+        return heat, label_img
 
+    def _result(self, mean_probs, model_probs, all_probs, pred, windows, stride, starts, case, tta, fid, levels,
+                volumes, box) -> dict:
+        """The content of ``prediction.json`` (schema :data:`ipmn.vocab.PREDICTION_SCHEMA`), timing excluded."""
+        names = self.class_names
         uncertainty = {
             "entropy": float(-(mean_probs * np.log(np.clip(mean_probs, 1e-12, 1))).sum() / math.log(len(mean_probs))),
-            "window_std": {n: float(v) for n, v in zip(self.class_names, np.stack(all_probs).mean(0).std(0), strict=True)},
+            "window_std": {n: float(v) for n, v in zip(names, np.stack(all_probs).mean(0).std(0), strict=True)},
             "ensemble_std": (
-                {n: float(v) for n, v in zip(self.class_names, model_probs.std(0, ddof=1), strict=True)}
+                {n: float(v) for n, v in zip(names, model_probs.std(0, ddof=1), strict=True)}
                 if len(self.models) > 1 else None
             ),
         }
         first = self.configs[0]
-        result = {
-            "schema": SCHEMA,
-            "classes": self.class_names,
-            "probabilities": {n: float(p) for n, p in zip(self.class_names, mean_probs, strict=True)},
-            "predicted_class": self.class_names[pred],
+        cohort = first.get("cohort")
+        return {
+            "schema": PREDICTION_SCHEMA,
+            "classes": names,
+            "probabilities": {n: float(p) for n, p in zip(names, mean_probs, strict=True)},
+            "predicted_class": names[pred],
             "predicted_index": pred,
             "uncertainty": uncertainty,
             "model": {
@@ -207,7 +248,7 @@ class Predictor:
                 "fusion": first.get("fusion"),
                 "modalities": list(self.modalities),
                 "card": first.get("card", ""),
-                "trained_on": (first.get("cohort") or {}).get("description") if isinstance(first.get("cohort"), dict) else first.get("cohort"),
+                "trained_on": cohort.get("description") if isinstance(cohort, dict) else cohort,
                 "n_models": len(self.models),
                 "folders": [str(d) for d in self.dirs],
             },
@@ -223,27 +264,21 @@ class Predictor:
             "precision": self.precision,
             "input_geometry": {m: geometry(v) for m, v in volumes.items()} | {"roi": box.to_dict(), "grid": case.grid.to_dict()},
         }
-        if out is not None:
-            report("write", 0.9)
-            t = time.perf_counter()
-            out = Path(out)
-            out.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=".ipmn-predict-", dir=out))
-            try:
-                self._write(staging, result, heat, label_img, first_arr[shown], window_maps[shown])
-                timing["write"] = time.perf_counter() - t
-                timing["total"] = time.perf_counter() - t0
-                result["timing_s"] = {k: round(v, 4) for k, v in timing.items()}
-                write_json(result, staging / "prediction.json")
-                for name in ("attention.nii.gz", "attention_labels.nii.gz", "grid.png", "prediction.json"):
-                    os.replace(staging / name, out / name)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-        else:
+
+    def _write_outputs(self, out: Path, result, heat, label_img, image, saliency, timing: dict, t_write, t0) -> None:
+        """Stage every output in a hidden folder inside ``out``, then move them into place."""
+        out.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".ipmn-predict-", dir=out))
+        try:
+            self._write(staging, result, heat, label_img, image, saliency)
+            timing["write"] = time.perf_counter() - t_write
             timing["total"] = time.perf_counter() - t0
             result["timing_s"] = {k: round(v, 4) for k, v in timing.items()}
-        report("done", 1.0)
-        return result
+            write_json(result, staging / PREDICTION_FILE)
+            for name in PREDICT_OUTPUTS:
+                os.replace(staging / name, out / name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def _fidelity(self, image: np.ndarray, saliency: np.ndarray, pred: int) -> dict:
         from ipmn.explain import deletion_curve
@@ -256,13 +291,13 @@ class Predictor:
     def _write(self, out: Path, result, heat, labels, image: np.ndarray, saliency: np.ndarray):
         from ipmn.render import grid_png
 
-        write_image(heat, out / "attention.nii.gz")
-        write_image(labels, out / "attention_labels.nii.gz")
+        write_image(heat, out / ATTENTION_FILE)
+        write_image(labels, out / ATTENTION_LABELS_FILE)
         probs = ", ".join(f"{n} {p:.2f}" for n, p in result["probabilities"].items())
-        grid_png(out / "grid.png", image, self.modalities, saliency,
+        grid_png(out / GRID_PNG_FILE, image, self.modalities, saliency,
                  title=f"{result['predicted_class'].upper()}  ({probs})", k=self.k)
-        result["outputs"] = {"attention": "attention.nii.gz", "attention_labels": "attention_labels.nii.gz",
-                             "grid_png": "grid.png", "prediction": "prediction.json"}
+        result["outputs"] = {"attention": ATTENTION_FILE, "attention_labels": ATTENTION_LABELS_FILE,
+                             "grid_png": GRID_PNG_FILE, "prediction": PREDICTION_FILE}
 
 
 def _is_vit(model) -> bool:
@@ -271,7 +306,7 @@ def _is_vit(model) -> bool:
     return is_vit(model)
 
 
-def attention_labels(heat: np.ndarray, inside: np.ndarray, levels=DEFAULT_LEVELS) -> np.ndarray:
+def attention_labels(heat: np.ndarray, inside: np.ndarray, levels=ATTENTION_LEVELS) -> np.ndarray:
     """uint8 labels: 1..n for voxels in the top ``levels[i]`` % of attention inside the ROI."""
     labels = np.zeros(heat.shape, np.uint8)
     values = heat[inside]
@@ -292,16 +327,16 @@ def summary_line(result: dict) -> str:
 
 # ------------------------------------------------------------------------------------------- worker
 def serve(stdin=None, stdout=None) -> int:
-    """Answer JSON requests, one per line, keeping models loaded between them (``ipmn worker``)."""
+    """Answer JSON requests, one per line, keeping models loaded between them (``ipmn worker``).
+
+    Events go out in the protocol of :mod:`ipmn.progress` (``ready``, ``stage``, ``done``, ``error``, ``bye``).
+    """
+    from ipmn.progress import Progress
+
     stdin = stdin or sys.stdin
-    stdout = stdout or sys.stdout
-
-    def emit(obj):
-        stdout.write(json.dumps(obj) + "\n")
-        stdout.flush()
-
+    events = Progress("jsonl", stream=stdout or sys.stdout)
     cache: dict[tuple, Predictor] = {}
-    emit({"event": "ready", "pid": os.getpid()})
+    events.emit("ready", pid=os.getpid())
     for line in stdin:
         line = line.strip()
         if not line:
@@ -309,14 +344,14 @@ def serve(stdin=None, stdout=None) -> int:
         try:
             req = json.loads(line)
         except json.JSONDecodeError:
-            emit({"event": "error", "message": "request is not valid JSON"})
+            events.error("request is not valid JSON")
             continue
         cmd = req.get("cmd", "predict")
         if cmd == "quit":
-            emit({"event": "bye"})
+            events.emit("bye")
             return 0
         if cmd != "predict":
-            emit({"event": "error", "message": f"unknown cmd {cmd!r}"})
+            events.error(f"unknown cmd {cmd!r}")
             continue
         try:
             models = req.get("ensemble") or [req["model"]]
@@ -325,19 +360,18 @@ def serve(stdin=None, stdout=None) -> int:
             key = (tuple(str(Path(m).resolve()) for m in models), str(device), precision)
             if key not in cache:
                 cache.clear()  # one model set alive at a time: memory stays bounded
-                emit({"event": "stage", "stage": "load_model", "fraction": 0.02})
+                events.stage("load_model", fraction=0.02)
                 cache[key] = Predictor(models, device=str(device), precision=precision)
             result = cache[key].predict(
                 t1=req.get("t1"), t2=req.get("t2"), roi=req.get("roi"), mask=req.get("mask"), out=req["out"],
                 windows=req.get("windows", "central"), tta=bool(req.get("tta", False)),
-                fidelity=bool(req.get("fidelity", False)),
-                progress=lambda s, f: emit({"event": "stage", "stage": s, "fraction": f}),
+                fidelity=bool(req.get("fidelity", False)), progress=events,
             )
-            emit({"event": "done", "out": str(req["out"]), "prediction": result})
+            events.emit("done", out=str(req["out"]), prediction=result)
         except IPMNError as exc:
-            emit({"event": "error", "message": str(exc)})
+            events.error(str(exc))
         except KeyError as exc:
-            emit({"event": "error", "message": f"request misses {exc}"})
+            events.error(f"request misses {exc}")
         except Exception as exc:  # noqa: BLE001 - a worker must survive one bad case
-            emit({"event": "error", "message": f"internal error: {type(exc).__name__}: {str(exc)[:300]}"})
+            events.error(f"internal error: {type(exc).__name__}: {str(exc)[:300]}")
     return 0

@@ -1,13 +1,19 @@
-"""Progress reporting for ``ipmn train`` / ``ipmn cv``: a tqdm bar, JSON lines, or nothing.
+"""The one progress / event protocol of the engine: ``predict``, ``worker``, ``train`` and ``cv`` all
+report through :class:`Progress` (a tqdm bar and lines on stderr, JSON lines on stdout, or nothing).
 
-``--progress jsonl`` prints one JSON object per line on stdout, flushed at once, for the Slicer trainer
-module (or any other program) to read::
+``--progress jsonl`` (and ``ipmn worker`` always) prints one JSON object per line on stdout, flushed at
+once, for the Slicer modules (``IPMNClassifierLib.engine``) or any other program to read::
 
+    {"event": "ready", "pid": 1234}                                      worker started
+    {"event": "stage", "stage": "preprocess", "message": "", "fraction": 0.2}   predict stages
     {"event": "stage", "stage": "cache", "message": "preprocessing 24 cases", ...}
     {"event": "epoch", "fold": 0, "epoch": 3, "epochs": 30, "train_loss": 0.91, "val_loss": 0.88,
      "val_acc": 0.6, "eta_s": 41.2, ...}
     {"event": "fold_done", "fold": 0, "metrics": {...}}
-    {"event": "done", "out": "RUN_DIR"}
+    {"event": "warning", "message": "..."}
+    {"event": "error", "message": "..."}                                a request or command failed
+    {"event": "done", "out": "RUN_DIR", ...}                             (predict: "summary"; worker: "prediction")
+    {"event": "bye"}                                                     worker stopped
 
 Extra context (``model``, ``inner``, ``lr``) is added by :meth:`Progress.child`. Values that are not
 finite (a NaN loss) are written as ``null`` so every line stays valid JSON. ``tqdm`` writes to stderr
@@ -79,6 +85,7 @@ class Progress:
 
     # -------------------------------------------------------------------------------- events
     def stage(self, stage: str, message: str = "", **fields) -> None:
+        """A step began (``fraction``: how far a prediction has got, 0–1)."""
         if self.mode == "jsonl":
             self.emit("stage", stage=stage, message=message, **fields)
         elif self.mode == "tqdm":
@@ -133,6 +140,10 @@ class Progress:
             self._close_bar()
             print(f"done: {out}", file=sys.stderr, flush=True)
 
+    def error(self, message: str) -> None:
+        """A failure the caller reports (JSON lines only: the CLI prints the ``ipmn: error:`` line itself)."""
+        self.emit("error", message=message)
+
     def warn(self, message: str) -> None:
         if self.mode == "jsonl":
             self.emit("warning", message=message)
@@ -154,7 +165,3 @@ class EtaClock:
         self.done += 1
         per = (time.perf_counter() - self.start) / max(self.done, 1)
         return round(per * max(remaining, 0), 1)
-
-
-def silent() -> Progress:
-    return Progress("none")

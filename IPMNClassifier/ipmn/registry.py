@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import struct
 import sys
@@ -32,10 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ipmn.errors import IPMNError
+from ipmn.vocab import CONFIG_FILE, WEIGHTS_FILE, slug
 
 ENV_VAR = "IPMN_MODELS_DIR"
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 ENSEMBLE_FILE = "ensemble.json"
 REFERENCES_FILE = "references.json"
 ENSEMBLE_SCHEMA = "ipmn.ensemble/1"
@@ -191,16 +189,20 @@ def _check_safetensors(path: Path) -> str | None:
     return None
 
 
-def _read_config(path: Path) -> dict:
+def read_config_json(path: Path) -> dict:
+    """A package's ``config.json`` as a dict, or one clear error (stdlib only: the GUI process uses it).
+
+    The one reader of that file: :func:`ipmn.models.read_package_config` checks its format on top.
+    """
     try:
         with open(path, encoding="utf-8") as fh:
             config = json.load(fh)
-    except OSError as exc:
-        raise IPMNError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    except ValueError as exc:
-        raise IPMNError(f"{path} is not valid JSON: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise IPMNError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise IPMNError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from exc
     if not isinstance(config, dict):
-        raise IPMNError(f"{path} must hold a JSON object")
+        raise IPMNError(f"{path} must hold a JSON object, got {type(config).__name__}")
     return config
 
 
@@ -223,7 +225,7 @@ def validate_package(folder) -> dict:
         problems.append(f"{CONFIG_FILE} is missing")
     else:
         try:
-            config = _read_config(cfg_path)
+            config = read_config_json(cfg_path)
         except IPMNError as exc:
             problems.append(str(exc))
         else:
@@ -238,7 +240,7 @@ def validate_package(folder) -> dict:
 
 
 def _ensemble_members(folder: Path) -> tuple[str, list]:
-    data = _read_config(folder / ENSEMBLE_FILE)
+    data = read_config_json(folder / ENSEMBLE_FILE)
     if data.get("schema", ENSEMBLE_SCHEMA) != ENSEMBLE_SCHEMA:
         raise IPMNError(f"{folder / ENSEMBLE_FILE}: unsupported schema {data.get('schema')!r}")
     members = data.get("members")
@@ -267,8 +269,7 @@ def validate_model_folder(folder) -> dict:
 
 
 def _slug(text: str) -> str:
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-._")
-    return slug[:80] or "model"
+    return slug(text, strip="-._", max_len=80)
 
 
 def model_info(folder, source: str = "user", name: str | None = None) -> ModelInfo:

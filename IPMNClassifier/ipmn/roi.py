@@ -22,6 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ipmn.errors import IPMNError
+from ipmn.vocab import looks_like_box
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
@@ -188,7 +189,7 @@ def roi_from_mask(mask: sitk.Image, margin_mm: float = 10.0, label: int | None =
 def load_roi(spec: str | os.PathLike, margin_mm: float = 10.0, label: int | None = None) -> ROI:
     """Build an ROI from a ``.mrk.json`` file, a mask/segmentation volume, or ``"R,A,S:W,H,D"``."""
     text = str(spec)
-    if ":" in text and "," in text and not Path(text).exists():
+    if looks_like_box(text):
         return parse_center_size(text)
     path = Path(text)
     if text.lower().endswith(".json"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import operator
 import os
 import re
 from pathlib import Path
@@ -75,8 +76,14 @@ ATTENTION_LEVELS = (20.0, 10.0, 5.0)
 
 # ---------------------------------------------------------------------------------------------- helpers
 def is_perfect_square(k) -> bool:
-    """True for 1, 4, 9, 16 ... (the number of slices of a √k × √k grid)."""
-    return isinstance(k, int) and not isinstance(k, bool) and k >= 1 and math.isqrt(k) ** 2 == k
+    """True for 1, 4, 9, 16 ... (the number of slices of a √k × √k grid); any integer type, never a bool."""
+    if isinstance(k, bool):
+        return False
+    try:
+        k = operator.index(k)
+    except TypeError:
+        return False
+    return k >= 1 and math.isqrt(k) ** 2 == k
 
 
 def looks_like_box(text, root: str | os.PathLike | None = None) -> bool:
@@ -87,9 +94,11 @@ def looks_like_box(text, root: str | os.PathLike | None = None) -> bool:
     return not (Path(root) / text if root is not None else Path(text)).exists()
 
 
-def slug(text: str, fallback: str = "model") -> str:
-    """A file-name-safe version of ``text`` (letters, digits, ``.``, ``_`` and ``-``)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-") or fallback
+def slug(text: str, fallback: str = "model", strip: str = "-", max_len: int | None = None) -> str:
+    """A file-name-safe version of ``text`` (letters, digits, ``.``, ``_`` and ``-``; ``strip`` trimmed off
+    both ends, at most ``max_len`` characters)."""
+    out = re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip(strip)
+    return (out[:max_len] if max_len else out) or fallback
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -23,11 +23,10 @@ from torch import nn
 
 from ..errors import IPMNError
 from ..io import json_default
+from ..vocab import CONFIG_FILE, WEIGHTS_FILE
 
 FORMAT = "ipmn-model"
 FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
@@ -178,6 +177,7 @@ def save_package(folder, model: nn.Module, config: dict, dtype: str = "float32")
 
 def read_package_config(folder) -> dict:
     """Read and check a package's ``config.json`` (format, version, model config) without the weights."""
+    from ..registry import read_config_json
     from . import normalize_config
 
     folder = Path(folder).expanduser()
@@ -190,17 +190,7 @@ def read_package_config(folder) -> dict:
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise IPMNError(f"{folder} is not a model package: {CONFIG_FILE} is missing")
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise IPMNError(
-            f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
-        ) from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise IPMNError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(config, dict):
-        raise IPMNError(f"{path} must hold a JSON object, got {type(config).__name__}")
+    config = read_config_json(path)
     if config.get("format") != FORMAT:
         raise IPMNError(
             f"{path} is not an IPMN model config (format is {config.get('format')!r}, expected '{FORMAT}')"
