@@ -379,3 +379,14 @@ def test_readers_two_class_and_bad_table(tmp_path, capsys):
     _fake_run(tmp_path / "run", ["A", "B"], [0, 1], [[0.9, 0.1], [0.2, 0.8]], ["no/low risk", "high risk"])
     assert main(["cv-report", str(tmp_path / "run"), "--readers", str(bad), "--progress", "none"]) == 2
     assert "cannot recognise a patient id column" in capsys.readouterr().err
+
+
+def test_two_class_own_splits_name_the_classes(release):
+    from ipmn.cv import fold_counts, make_splits
+    from ipmn.cystx import apply_label_task
+
+    cases = apply_label_task(load_cohort(release, ("t1",)), "2class")
+    splits = make_splits(cases, outer=3, inner=2, seed=0)
+    assert splits["class_names"] == ["no/low risk", "high risk"]
+    rows = fold_counts(splits, splits["class_names"])
+    assert sum(r["test"]["high risk"] for r in rows) == sum(c.label == 1 for c in cases) == 14

@@ -184,6 +184,9 @@ def make_splits(cases, outer: int = 10, inner: int = 3, seed: int = 0, group_by:
                    "center": c.center} for c in cases],
         "folds": folds,
     }
+    names = next((c.extra["class_names"] for c in cases if (getattr(c, "extra", None) or {}).get("class_names")), None)
+    if names:  # e.g. the 2-class task (ipmn.cystx.apply_label_task)
+        splits["class_names"] = list(names)
     verify_splits(splits)
     return splits
 
@@ -215,7 +218,8 @@ def verify_splits(splits: dict) -> list[str]:
                 raise IPMNError(f"splits: inner fold {j} of outer fold {k} uses cases outside the outer training set")
         missing = all_labels - {info[c]["label"] for c in test}
         if missing and not splits.get("leave_one_center_out"):
-            warnings.append(f"outer test fold {k} has no {', '.join(_class_name(m) for m in sorted(missing))} case")
+            names = splits.get("class_names") or [_class_name(m) for m in range(max(all_labels) + 1)]
+            warnings.append(f"outer test fold {k} has no {', '.join(names[m] for m in sorted(missing))} case")
     return warnings
 
 

@@ -204,7 +204,8 @@ def read_table(path: Path, kind: str) -> dict:
         if isinstance(risk, str):
             problems.append(f"row {n}: risk {risk!r} is not 0, 1 or 2")
             continue
-        out.append({"names": [scan_stem(c) if c is not None else "" for c in cells[:-1]], "risk": risk, "row": n})
+        out.append({"names": [scan_stem(c) if c is not None else "" for c in cells[:-1]], "risk": risk, "row": n,
+                    "where": f"{path.name} row {n}"})
     if problems:
         raise IPMNError(f"{path}: {len(problems)} bad row(s): " + "; ".join(problems[:10]))
     described = ", ".join(f"{'risk' if i == len(cols) - 1 else 'name'} = column {c}"
@@ -244,7 +245,7 @@ def load_release(path, modalities=("t1", "t2")) -> list[Case]:
     singles = {m: _read_kind(release, m, required=mods == (m,)) for m in ("t1", "t2") if mods in ((m,), ())}
     t2_patient = {}
     if paired:
-        notes.append(paired["note"])
+        notes.append(paired["note"] + ("" if want_pairs else "; used to link T2 scans to patients"))
         t2_patient = {r["names"][1]: r["names"][0] for r in paired["rows"] if r["names"][0] and r["names"][1]}
     cases: list[Case] = []
     seen: set[str] = set()
@@ -298,7 +299,7 @@ def _read_kind(release: Release, kind: str, required: bool) -> dict | None:
 
 def _keep(r: dict, label_id: str, dropped: dict) -> str | None:
     """The row's centre, or None after recording why the row is left out."""
-    where = f"row {r['row']} ({label_id})" if label_id else f"row {r['row']}"
+    where = f"{r['where']} ({label_id})" if label_id else r["where"]
     if not label_id:
         dropped["no name"].append(where)
         return None
@@ -315,7 +316,7 @@ def _paired_case(release, t1_id, t2_id, r, dropped) -> Case | None:
     centre = _keep(r, t1_id, dropped)
     if centre is None or not t2_id:
         if centre is not None:
-            dropped["no name"].append(f"row {r['row']} ({t1_id}: no T2 name)")
+            dropped["no name"].append(f"{r['where']} ({t1_id}: no T2 name)")
         return None
     (t1, m1), (t2, m2) = _scan(release, "t1", t1_id), _scan(release, "t2", t2_id)
     if t1 is None or t2 is None or (m1 or m2) is None:
@@ -475,11 +476,14 @@ def official_splits(cases, table: dict, source: str, inner: int, seed: int, stra
             fold["excluded_from_train"] = [cases[i].case_id for i in tr_all if i not in tr]
         folds.append(fold)
     splits = {"version": SPLITS_VERSION, "seed": int(seed), "outer": table["n_folds"], "inner": int(inner),
-              "group_by": "official folds", "leave_one_center_out": False, "stratified_by": "official (Cyst-X)",
+              "group_by": "patient", "leave_one_center_out": False, "stratified_by": "the Cyst-X release's folds",
               "retries": 0, "source": source,
               "cases": [{"case_id": c.case_id, "label": int(c.label), "patient_id": c.patient_id or c.case_id,
                          "center": c.center} for c in cases],
               "folds": folds}
+    names = next((c.extra["class_names"] for c in cases if c.extra.get("class_names")), None)
+    if names:
+        splits["class_names"] = list(names)
     verify_splits(splits)
     return splits
 
