@@ -246,7 +246,8 @@ def _write_split(path, folds: list[set], per_fold_columns: bool) -> None:
 @pytest.mark.parametrize("name,per_fold", [("cystx-2class", False), ("cystx-3class", True)])
 def test_official_folds_are_the_outer_folds(tmp_path, name, per_fold):
     from ipmn.cv import verify_splits
-    from ipmn.cystx import apply_label_task, official_cv_splits, task_for
+    from ipmn.cystx import apply_label_task, task_for
+    from ipmn.cystx_splits import official_cv_splits
 
     data = make_release(tmp_path / "r")
     xlsx = data / "IPMN_Classification" / "IPMN_labels_t1_total.xlsx"

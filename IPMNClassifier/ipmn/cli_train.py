@@ -223,7 +223,8 @@ def cmd_cv(args) -> int:
 
     from ipmn.cohort import load_cohort
     from ipmn.cv import make_variants, run_cv
-    from ipmn.cystx import apply_label_task, config_for_task, official_cv_splits, task_for
+    from ipmn.cystx import apply_label_task, config_for_task, task_for
+    from ipmn.cystx_splits import official_cv_splits
     from ipmn.train import load_config, resolve_config
 
     progress = _progress(args)

@@ -540,7 +540,7 @@ def run_cv(cases, config, run_dir, models=None, modalities=None, fusions=None, f
 
     ``config``: raw or resolved config (its ``cv`` section gives outer/inner/seed/...). ``fold``: run only
     that outer fold. With ``resume`` a folder holding a different run is continued with *its* settings.
-    ``splits``: ready-made splits for these cases (e.g. ``ipmn.cystx.official_splits``) instead of ours.
+    ``splits``: ready-made splits for these cases (e.g. ``ipmn.cystx_splits.official_splits``) instead of ours.
     """
     from ipmn.cohort import summarize
     from ipmn.progress import Progress

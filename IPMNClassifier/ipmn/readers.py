@@ -193,11 +193,11 @@ def fig_readers_roc(entry: dict) -> str | None:
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4.4, 4.0))
-    ax.plot(entry["roc_high"]["fpr"], entry["roc_high"]["tpr"],
+    ax.plot(entry["roc_high"]["fpr"], entry["roc_high"]["tpr"], color="black",
             label=f"model (AUC {entry['model']['auc_high']:.2f})")
     m = entry["model"]
     ax.scatter([1 - m["specificity_high"]], [m["sensitivity_high"]], marker="o", color="black", zorder=3,
-               label="model, highest class")
+               label="model (argmax)")
     for name, r in entry["readers"].items():
         if r["sensitivity_high"] is not None and r["specificity_high"] is not None:
             ax.scatter([1 - r["specificity_high"]], [r["sensitivity_high"]], marker="^", s=50, zorder=3, label=name)
