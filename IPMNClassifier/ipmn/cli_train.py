@@ -167,7 +167,7 @@ def _device(args) -> str:
 # ------------------------------------------------------------------------------------------------ commands
 def cmd_train(args) -> int:
     from ipmn.cohort import load_cohort, summarize, usable
-    from ipmn.cystx import apply_label_task, config_for_task
+    from ipmn.cystx import TASKS, apply_label_task, config_for_task
     from ipmn.train import load_config, pick_cases, resolve_config, split_validation, train_model
 
     out = Path(args.out)
@@ -178,7 +178,7 @@ def cmd_train(args) -> int:
         # --resume continues the run in the folder with the settings and splits it was started with
         cfg = resolve_config(stored["config"])
         mods = tuple(cfg["model"]["modalities"])
-        task = "2class" if cfg["model"]["num_classes"] == 2 else "3class"
+        task = "2class" if cfg["model"]["class_names"] == list(TASKS["2class"]) else "3class"
         by_id = {c.case_id: c for c in apply_label_task(load_cohort(args.cohort, mods), task)}
         missing = [i for i in stored["train_cases"] + stored["val_cases"] if i not in by_id]
         if missing:
