@@ -219,8 +219,11 @@ def test_unreadable_table_is_one_clear_error(tmp_path):
 
 
 def test_two_class_labels(release):
-    from ipmn.cystx import apply_label_task
+    from ipmn.cystx import apply_label_task, task_for
 
+    assert task_for(None, "cystx-2class") == "2class" and task_for(None, None) == "3class"
+    with pytest.raises(IPMNError, match="was made for the 2-class task"):
+        task_for("3class", "cystx-2class")
     cases = apply_label_task(load_cohort(release, ("t1",)), "2class")
     _, per_class = official_summary(release / "IPMN_Classification" / "IPMN_labels_t1_total.xlsx", (0, 5), True)
     assert summarize(cases)["per_class"] == {"no/low risk": per_class[0], "high risk": per_class[1]}

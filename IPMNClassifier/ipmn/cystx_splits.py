@@ -136,7 +136,8 @@ def official_cv_splits(cohort, cases, name: str, modality_sets, cv: dict, run_di
         raise IPMNError(f"--outer {outer_flag}: {path.name} has {table['n_folds']} official folds")
     kept = [c for c in cases if _fold_of_case(c, table["fold_of"]) is not None]
     warnings = []
-    missing = [c.case_id for c in cases if c not in kept]
+    kept_ids = {c.case_id for c in kept}
+    missing = [c.case_id for c in cases if c.case_id not in kept_ids]
     if missing:
         warnings.append(f"{len(missing)} cohort case(s) are in no official fold and are left out: {missing[:8]}")
     used = {k for c in kept for k in (c.case_id, c.extra.get("t1_id"), c.extra.get("t2_id")) if k}
