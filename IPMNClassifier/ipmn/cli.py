@@ -109,9 +109,10 @@ def cmd_demo(args) -> int:
 
 def cmd_cohort(args) -> int:
     from ipmn.cohort import load_cohort, summarize
+    from ipmn.cystx import apply_label_task
 
-    modalities = tuple(args.modalities.split(","))
-    cases = load_cohort(args.cohort, modalities)
+    modalities = tuple(m for m in args.modalities.lower().replace("+", ",").split(",") if m)
+    cases = apply_label_task(load_cohort(args.cohort, modalities), args.labels)
     summary = summarize(cases)
     if args.json:
         print(json.dumps(summary))
@@ -119,6 +120,8 @@ def cmd_cohort(args) -> int:
         per_class = ", ".join(f"{k} {v}" for k, v in summary["per_class"].items())
         print(f"{summary['n_cases']} cases ({summary['n_patients']} patients): {per_class}; "
               f"centres {summary['per_center']}; T1 {summary['with_t1']}, T2 {summary['with_t2']}")
+        for note in summary.get("notes", []):
+            print(f"  note: {note}")
     return 0
 
 
@@ -180,7 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cohort", help="validate a cohort (manifest CSV or Cyst-X folder) and print its summary")
     p.add_argument("cohort")
-    p.add_argument("--modalities", default="t1,t2")
+    p.add_argument("--modalities", default="t1,t2",
+                   help="t1,t2 | t1 | t2 (for the Cyst-X release: which of its tables; empty = all cases)")
+    p.add_argument("--labels", choices=["3class", "2class"], default="3class",
+                   help="3class (none/low/high) or 2class (high vs no/low risk, Cyst-X's 2-class task)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_cohort)
 

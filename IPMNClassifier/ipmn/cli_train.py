@@ -14,6 +14,7 @@ from ipmn.errors import IPMNError
 from ipmn.vocab import MODALITY_SETS
 
 MODALITY_CHOICES = tuple(MODALITY_SETS)
+LABELS_HELP = "3class (none/low/high, default) or 2class (high vs no/low risk, Cyst-X's 2-class task)"
 
 
 def _common(p, run_word: str) -> None:
@@ -50,6 +51,7 @@ def register(sub) -> None:
     p.add_argument("--arch", help="override model.arch (e.g. vit_tiny_patch16_224, densenet121)")
     p.add_argument("--modalities", choices=MODALITY_CHOICES, help="override model.modalities")
     p.add_argument("--fusion", choices=["early", "late"], help="override model.fusion")
+    p.add_argument("--labels", choices=["3class", "2class"], help=LABELS_HELP)
     _common(p, "training run")
     p.set_defaults(func=cmd_train)
 
@@ -69,11 +71,18 @@ def register(sub) -> None:
     p.add_argument("--lr-grid", nargs="+", type=float, help="also select lr on inner folds from these values")
     p.add_argument("--examples", type=int, help="test grids with rollout maps per fold in the report [4]")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    p.add_argument("--labels", choices=["3class", "2class"], help=LABELS_HELP)
+    p.add_argument("--splits", choices=["cystx-3class", "cystx-2class"],
+                   help="outer folds = the Cyst-X release's official folds (inner folds stay ours); "
+                        "cystx-2class implies --labels 2class")
     _common(p, "cv run")
     p.set_defaults(func=cmd_cv)
 
     p = sub.add_parser("cv-report", help="merge the finished folds of a cv run into metrics.json / report.html")
     p.add_argument("run_dir", help="run folder of ipmn cv")
+    p.add_argument("--readers", metavar="CSV",
+                   help="readers' grades (patient id, truth, one column per reader), compared with the model on "
+                        "the patients it was tested on; kept in the run folder for later reports")
     p.add_argument("--progress", choices=["auto", "tqdm", "jsonl", "none"], default="auto")
     p.set_defaults(func=cmd_cv_report)
 
@@ -135,6 +144,7 @@ def _device(args) -> str:
 def cmd_train(args) -> int:
     from ipmn.cohort import load_cohort, summarize, usable
     from ipmn.config import load_config, resolve_config
+    from ipmn.cystx import TASKS, apply_label_task, config_for_task
     from ipmn.runs import cohort_info, stored_train_run
     from ipmn.splits import pick_cases, split_validation
     from ipmn.train import train_model
@@ -147,7 +157,8 @@ def cmd_train(args) -> int:
         # --resume continues the run in the folder with the settings and splits it was started with
         cfg = resolve_config(stored["config"])
         mods = tuple(cfg["model"]["modalities"])
-        by_id = {c.case_id: c for c in load_cohort(args.cohort, mods)}
+        task = "2class" if cfg["model"]["class_names"] == list(TASKS["2class"]) else "3class"
+        by_id = {c.case_id: c for c in apply_label_task(load_cohort(args.cohort, mods), task)}
         missing = [i for i in stored["train_cases"] + stored["val_cases"] if i not in by_id]
         if missing:
             raise IPMNError(f"--resume: the run in {work} used case(s) not in {args.cohort}: {missing[:5]}")
@@ -155,12 +166,12 @@ def cmd_train(args) -> int:
         val = [by_id[i] for i in stored["val_cases"]]
         progress.stage("train", f"resuming the run in {work} with its own settings")
     else:
-        raw = load_config(args.config)
+        raw = config_for_task(load_config(args.config), args.labels or "3class")
         if args.arch:
             _drop_vit_overrides_for_cnn(raw, args.arch)
         cfg = resolve_config(raw, _overrides(args))
         mods = tuple(cfg["model"]["modalities"])
-        cases = load_cohort(args.cohort, mods)
+        cases = apply_label_task(load_cohort(args.cohort, mods), args.labels or "3class")
         cases, skipped = usable(cases, mods)
         if skipped:
             progress.warn(f"{len(skipped)} case(s) lack {'/'.join(m.upper() for m in mods)} and are not used")
@@ -192,6 +203,8 @@ def cmd_cv(args) -> int:
     from ipmn.cohort import load_cohort
     from ipmn.config import load_config, resolve_config
     from ipmn.cv import make_variants, run_cv
+    from ipmn.cystx import apply_label_task, config_for_task, task_for
+    from ipmn.cystx_splits import official_cv_splits
     from ipmn.runs import cohort_info
 
     progress = _progress(args)
@@ -206,18 +219,26 @@ def cmd_cv(args) -> int:
             raise IPMNError(f"{run_json} is damaged; give --cohort") from exc
         if not cohort:
             raise IPMNError(f"{run_json} does not record the cohort; give --cohort")
-    cfg = resolve_config(load_config(args.config), _overrides(args, cv=True))
+    task = task_for(args.labels, args.splits)
+    cfg = resolve_config(config_for_task(load_config(args.config), task), _overrides(args, cv=True))
     if args.seed is not None:
         cfg["cv"]["seed"] = args.seed
     variants = make_variants(cfg, args.models, args.modalities, args.fusion)
     mod_sets = {tuple(v["modalities"]) for v in variants}
-    cases = load_cohort(cohort, next(iter(mod_sets)) if len(mod_sets) == 1 else ())
+    cases = apply_label_task(load_cohort(cohort, next(iter(mod_sets)) if len(mod_sets) == 1 else ()), task)
+    splits = None
+    if args.splits:
+        cases, splits, notes = official_cv_splits(cohort, cases, args.splits, mod_sets, cfg["cv"], Path(args.out),
+                                                  args.overwrite, args.outer)
+        cfg["cv"]["outer"] = splits["outer"]
+        for note in notes:
+            progress.warn(note)
     if args.fold is not None and args.fold < 0:
         raise IPMNError(f"--fold must be >= 0 (got {args.fold})")
     out = run_cv(cases, cfg, args.out, models=args.models, modalities=args.modalities, fusions=args.fusion,
                  fold=args.fold, device=_device(args), progress=progress, resume=args.resume,
                  overwrite=args.overwrite, cohort_spec=Path(cohort).resolve(), cohort_info=cohort_info(cohort),
-                 report=not args.no_report)
+                 report=not args.no_report, splits=splits)
     if args.progress == "jsonl":
         progress.done(args.out, complete=out["complete"])
     else:
@@ -248,6 +269,10 @@ def cmd_cv_report(args) -> int:
     from ipmn.report import write_report
 
     progress = _progress(args)
+    if args.readers:
+        from ipmn.readers import keep_readers
+
+        keep_readers(args.readers, args.run_dir)
     out = write_report(args.run_dir, progress=progress)
     if args.progress == "jsonl":
         progress.done(out["html"], complete=out["complete"])

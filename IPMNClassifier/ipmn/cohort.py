@@ -42,7 +42,7 @@ class Case:
 
     @property
     def label_name(self) -> str:
-        return CLASS_NAMES[self.label]
+        return (self.extra.get("class_names") or CLASS_NAMES)[self.label]
 
     def has(self, modality: str) -> bool:
         return getattr(self, modality) is not None
@@ -133,7 +133,8 @@ def load_cystx(folder: str | os.PathLike, labels_csv: str | os.PathLike | None =
     folder = Path(folder)
     labels_csv = Path(labels_csv) if labels_csv else folder / "labels.csv"
     if not labels_csv.is_file():
-        raise IPMNError(f"Cyst-X cohort: labels table not found: {labels_csv}")
+        raise IPMNError(f"Cyst-X cohort: labels table not found: {labels_csv} (nor the release's "
+                        "IPMN_Classification/IPMN_labels_*_total.xlsx in the folder or its dataset/ subfolder)")
     with open(labels_csv, newline="", encoding="utf-8-sig") as fh:
         labels = {r["case_id"].strip(): r["label"].strip() for r in csv.DictReader(fh)}
     problems = []
@@ -163,9 +164,13 @@ def load_cystx(folder: str | os.PathLike, labels_csv: str | os.PathLike | None =
 
 
 def load_cohort(spec: str | os.PathLike, modalities=("t1", "t2")) -> list[Case]:
-    """A manifest CSV, or a Cyst-X-style folder."""
+    """A manifest CSV, the Cyst-X release's dataset/ folder (:mod:`ipmn.cystx`), or a Cyst-X-style folder."""
     p = Path(spec)
     if p.is_dir():
+        from ipmn.cystx import find_release, load_release
+
+        if find_release(p) is not None:
+            return load_release(p, modalities)
         return load_cystx(p)
     return load_manifest(p, modalities)
 
@@ -179,11 +184,13 @@ def usable(cases: list[Case], modalities) -> tuple[list[Case], list[Case]]:
 def summarize(cases: list[Case]) -> dict:
     per_class = Counter(c.label_name for c in cases)
     per_center = Counter(c.center or "-" for c in cases)
+    names = next((c.extra["class_names"] for c in cases if c.extra.get("class_names")), CLASS_NAMES)
+    notes = list(dict.fromkeys(n for c in cases for n in c.extra.get("cohort_notes", ())))
     return {
         "n_cases": len(cases),
         "n_patients": len({c.patient_id for c in cases}),
-        "per_class": {name: per_class.get(name, 0) for name in CLASS_NAMES},
+        "per_class": {name: per_class.get(name, 0) for name in names},
         "per_center": dict(sorted(per_center.items())),
         "with_t1": sum(c.t1 is not None for c in cases),
         "with_t2": sum(c.t2 is not None for c in cases),
-    }
+    } | ({"notes": notes} if notes else {})

@@ -308,11 +308,12 @@ def _examples(fold_dir: Path, model, test_cases, arrays, probs, variant, n: int,
 # ------------------------------------------------------------------------------------------------ the run
 def run_cv(cases, config, run_dir, models=None, modalities=None, fusions=None, fold: int | None = None,
            device: str = "cpu", progress=None, resume: bool = False, overwrite: bool = False,
-           cohort_spec=None, cohort_info: dict | None = None, report: bool = True) -> dict:
+           cohort_spec=None, cohort_info: dict | None = None, report: bool = True, splits: dict | None = None) -> dict:
     """Nested CV over ``cases``; returns ``{"run_dir", "variants", "results", "complete"}``.
 
     ``config``: raw or resolved config (its ``cv`` section gives outer/inner/seed/...). ``fold``: run only
     that outer fold. With ``resume`` a folder holding a different run is continued with *its* settings.
+    ``splits``: ready-made splits for these cases (e.g. ``ipmn.cystx_splits.official_cv_splits``) instead of ours.
     """
     from ipmn.cohort import summarize
     from ipmn.config import is_resolved, resolve_config
@@ -339,8 +340,8 @@ def run_cv(cases, config, run_dir, models=None, modalities=None, fusions=None, f
     fresh = None
     if overwrite or not (run_dir / "splits.json").exists():
         cvc = cfg["cv"]
-        fresh = make_splits(cases, cvc["outer"], cvc["inner"], cvc["seed"], cvc["group_by"],
-                            cvc["leave_one_center_out"], cvc["stratify_center"])
+        fresh = splits or make_splits(cases, cvc["outer"], cvc["inner"], cvc["seed"], cvc["group_by"],
+                                      cvc["leave_one_center_out"], cvc["stratify_center"])
         if fold is not None and not 0 <= fold < len(fresh["folds"]):
             raise IPMNError(f"--fold {fold} does not exist: this run has folds 0-{len(fresh['folds']) - 1}")
     stored = None

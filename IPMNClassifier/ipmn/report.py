@@ -134,8 +134,14 @@ def write_report(run_dir, progress=None) -> dict:
         "folds": [{"fold": f["fold"], "metrics": f["metrics"]} for f in first["folds"]],
         "models": models,
         "synthetic": bool((data["run"].get("cohort_info") or {}).get("synthetic")),
+        "split_source": data["splits"].get("source") or "ipmn (nested, patient-grouped, stratified)",
         "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    from ipmn.readers import compare_run
+
+    readers = compare_run(run_dir, data, models)
+    if readers is not None:
+        metrics["readers"] = readers
     write_json(metrics, run_dir / "metrics.json")
     write_predictions(run_dir / "predictions.csv", data)
     write_text(_html(data, models, metrics, run_dir), run_dir / "report.html")
@@ -322,6 +328,10 @@ def _html(data: dict, models: list, metrics: dict, run_dir: Path) -> str:
         f"{' and learning rate' if 'lr' in (cfg.get('cv') or {}).get('select', []) else ''} by mean inner-validation "
         f"{select_metric}; temperature fitted on pooled inner-validation predictions. Each outer model is trained on "
         f"its whole outer training set and evaluated once on its outer test fold.</p>")
+    if splits.get("source"):
+        parts.append(f"<p>Split source: {html.escape(splits['source'])}; inner folds are ipmn's.</p>")
+    if cohort.get("notes"):
+        parts.append("<p class='note'>Cohort notes: " + "<br>".join(html.escape(n) for n in cohort["notes"]) + "</p>")
 
     # Table I / II
     inputs_vary = len({(tuple(m["modalities"] or []), m["fusion"]) for m in models}) > 1
@@ -378,12 +388,16 @@ def _html(data: dict, models: list, metrics: dict, run_dir: Path) -> str:
                     parts.append(_img(b64, f"fold {e['fold']} {e['case_id']}", width=540))
             parts.append("</div>")
 
+    if metrics.get("readers"):
+        from ipmn.readers import html_section
+
+        parts.append(html_section(metrics["readers"]))
     parts.append("<h2>Splits</h2>")
     from ipmn.splits import fold_counts
 
     parts.append(_table(["fold", "train (per class)", "test (per class)", "test centre"],
                         [[r["fold"], html.escape(str(r["train"])), html.escape(str(r["test"])), r["test_center"] or ""]
-                         for r in fold_counts(splits)]))
+                         for r in fold_counts(splits, models[0]["class_names"] if models else None)]))
     parts.append("<p class='note'>Metrics: " + ", ".join(METRICS) + ". Files: metrics.json, predictions.csv, "
                  "splits.json, &lt;model&gt;/fold_&lt;k&gt;/model (fold model packages).</p></body></html>")
     return "\n".join(parts)

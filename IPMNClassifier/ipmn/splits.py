@@ -19,7 +19,7 @@ import numpy as np
 
 from ipmn.errors import IPMNError
 from ipmn.io import write_json
-from ipmn.vocab import class_name
+from ipmn.vocab import CLASS_NAMES, class_name
 
 SPLITS_VERSION = 1
 
@@ -39,7 +39,7 @@ def _groups(cases, group_by: str) -> np.ndarray:
     return np.array([c.patient_id or c.case_id for c in cases])
 
 
-def _check_class_groups(cases, groups, n_splits: int, flag: str, where: str) -> None:
+def check_class_groups(cases, groups, n_splits: int, flag: str, where: str) -> None:
     by_class: dict[int, set] = {}
     for c, g in zip(cases, groups, strict=True):
         by_class.setdefault(c.label, set()).add(g)
@@ -64,7 +64,7 @@ def _check_class_groups(cases, groups, n_splits: int, flag: str, where: str) -> 
         )
 
 
-def _kfold(cases, n_splits: int, seed: int, group_by: str, use_center: bool, need_all_classes: bool):
+def kfold(cases, n_splits: int, seed: int, group_by: str, use_center: bool, need_all_classes: bool):
     """StratifiedGroupKFold, retried with derived seeds until every test fold holds every class."""
     from sklearn.model_selection import StratifiedGroupKFold
 
@@ -107,16 +107,16 @@ def make_splits(cases, outer: int = 10, inner: int = 3, seed: int = 0, group_by:
         if any(not c.center for c in cases):
             raise IPMNError("--leave-one-center-out: some cases have no centre")
         outer = len(centers)
-        _check_class_groups(cases, _groups(cases, "patient"), 1, "--outer", "the cohort")
+        check_class_groups(cases, _groups(cases, "patient"), 1, "--outer", "the cohort")
         outer_folds = [([i for i, c in enumerate(cases) if c.center != ctr], [i for i, c in enumerate(cases) if c.center == ctr])
                        for ctr in centers]
         how, attempt = "centre", 0
     else:
         if group_by == "center" and len(centers) < outer:
             raise IPMNError(f"--group-by center with --outer {outer} needs at least {outer} centres (found {len(centers)})")
-        _check_class_groups(cases, _groups(cases, group_by), outer,
+        check_class_groups(cases, _groups(cases, group_by), outer,
                             "--group-by center" if group_by == "center" else "--outer", "the cohort")
-        outer_folds, how, attempt = _kfold(cases, outer, seed, group_by, stratify_center, True)
+        outer_folds, how, attempt = kfold(cases, outer, seed, group_by, stratify_center, True)
     folds = []
     for k, (tr, te) in enumerate(outer_folds):
         # patient guard: with centre-level folds a patient scanned at two centres must not train and test
@@ -124,9 +124,9 @@ def make_splits(cases, outer: int = 10, inner: int = 3, seed: int = 0, group_by:
         dropped = [cases[i].case_id for i in tr if (cases[i].patient_id or cases[i].case_id) in test_patients]
         tr = [i for i in tr if (cases[i].patient_id or cases[i].case_id) not in test_patients]
         train_cases = [cases[i] for i in tr]
-        _check_class_groups(train_cases, _groups(train_cases, "patient"), inner, "--inner",
+        check_class_groups(train_cases, _groups(train_cases, "patient"), inner, "--inner",
                             f"the training set of outer fold {k} (inner folds)")
-        inner_folds, inner_how, inner_attempt = _kfold(train_cases, inner, seed * 7919 + k + 1, "patient",
+        inner_folds, inner_how, inner_attempt = kfold(train_cases, inner, seed * 7919 + k + 1, "patient",
                                                        stratify_center, True)
         fold = {
             "fold": k,
@@ -154,6 +154,9 @@ def make_splits(cases, outer: int = 10, inner: int = 3, seed: int = 0, group_by:
                    "center": c.center} for c in cases],
         "folds": folds,
     }
+    names = next((c.extra["class_names"] for c in cases if (getattr(c, "extra", None) or {}).get("class_names")), None)
+    if names:  # e.g. the 2-class task (ipmn.cystx.apply_label_task)
+        splits["class_names"] = list(names)
     verify_splits(splits)
     return splits
 
@@ -185,7 +188,8 @@ def verify_splits(splits: dict) -> list[str]:
                 raise IPMNError(f"splits: inner fold {j} of outer fold {k} uses cases outside the outer training set")
         missing = all_labels - {info[c]["label"] for c in test}
         if missing and not splits.get("leave_one_center_out"):
-            warnings.append(f"outer test fold {k} has no {', '.join(class_name(m) for m in sorted(missing))} case")
+            names = splits.get("class_names") or [class_name(m) for m in range(max(all_labels) + 1)]
+            warnings.append(f"outer test fold {k} has no {', '.join(names[m] for m in sorted(missing))} case")
     return warnings
 
 
@@ -206,15 +210,16 @@ def load_or_make_splits(run_dir: Path, cases, cv: dict, splits: dict | None = No
     return splits
 
 
-def fold_counts(splits: dict) -> list[dict]:
+def fold_counts(splits: dict, class_names=None) -> list[dict]:
     """Per outer fold: class counts of train and test (for the report)."""
     labels = {c["case_id"]: c["label"] for c in splits["cases"]}
     rows = []
     for f in splits["folds"]:
         tr, te = Counter(labels[i] for i in f["train"]), Counter(labels[i] for i in f["test"])
         classes = sorted(set(tr) | set(te))
-        rows.append({"fold": f["fold"], "train": {class_name(c): tr.get(c, 0) for c in classes},
-                     "test": {class_name(c): te.get(c, 0) for c in classes}, "test_center": f.get("test_center")})
+        rows.append({"fold": f["fold"], "train": {class_name(c, class_names or CLASS_NAMES): tr.get(c, 0) for c in classes},
+                     "test": {class_name(c, class_names or CLASS_NAMES): te.get(c, 0) for c in classes},
+                     "test_center": f.get("test_center")})
     return rows
 
 

@@ -361,6 +361,7 @@ class TrainerLogic:
             lines.append("per centre: " + ", ".join(f"{k} {v}" for k, v in perCenter.items()))
         if "with_t1" in summary or "with_t2" in summary:
             lines.append(f"with T1: {summary.get('with_t1', '?')}, with T2: {summary.get('with_t2', '?')}")
+        lines += [f"note: {note}" for note in summary.get("notes") or []]  # e.g. the Cyst-X release's
         return "\n".join(lines)
 
     # --------------------------------------------------------------------------------- config
