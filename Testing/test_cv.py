@@ -270,6 +270,36 @@ def test_selection_never_touches_the_outer_test_fold(cv_run):
         assert final["epochs_run"] == sel["selected"]["epoch"]
 
 
+def test_fold_packages_apply_their_temperature_at_prediction(cv_run):
+    """The temperature chosen on inner folds travels in each fold package: Predictor on the outer test cases
+    reproduces the report's calibrated probabilities and its "ECE after T"."""
+    from ipmn.metrics import ece_score
+    from ipmn.predict import Predictor
+
+    run, by_id = cv_run["run"], {c.case_id: c for c in cv_run["cases"]}
+    temperatures = []
+    for k in (0, 1):
+        fold = run / "vit_tiny_patch16_224" / f"fold_{k}"
+        result = json.loads((fold / "result.json").read_text())
+        config = json.loads((fold / "model" / "config.json").read_text())
+        assert config["calibration"]["temperature"] == pytest.approx(result["temperature"])
+        temperatures.append(result["temperature"])
+        predictor = Predictor([fold / "model"], device="cpu", precision="fp32")
+        probs, raw, y = [], [], []
+        for row in result["predictions"]:
+            c = by_id[row["case_id"]]
+            out = predictor.predict(t1=c.t1, t2=c.t2, roi=c.roi, mask=c.mask, windows="central")
+            probs.append([out["probabilities"][n] for n in ("normal", "low", "high")])
+            raw.append(row["probs"])
+            y.append(row["true"])
+            assert out["calibration"]["temperature"] == pytest.approx(result["temperature"])
+            assert probs[-1] == pytest.approx(row["probs_calibrated"], abs=2e-4)
+        probs, y = np.array(probs), np.array(y)
+        assert ece_score(y, probs) == pytest.approx(result["metrics_calibrated"]["ece"], abs=1e-3)
+    # the check means something only if some temperature changed the probabilities
+    assert any(abs(t - 1.0) > 0.05 for t in temperatures), temperatures
+
+
 def test_finished_folds_are_not_recomputed_and_report_merges(cv_run, tmp_path_factory):
     from ipmn.cv import run_cv
 

@@ -209,9 +209,12 @@ def run_fold(run_dir: Path, variant: dict, cfg: dict, splits: dict, fold: int, c
     fcfg = copy.deepcopy(vcfg)
     fcfg["train"]["lr"] = float(sel["lr"])
     train_cases, test_cases = usable(spec["train"]), usable(spec["test"])
+    calibration = {"temperature": float(temperature), "fitted_on": selection["temperature_fitted_on"],
+                   "applied_to": "log of the window-averaged probabilities"}
     final = train_model(train_cases, fcfg, fold_dir / "final", val_cases=None, device=device,
                         progress=fold_progress.child(stage="final"), resume=True, package_dir=fold_dir / "model",
-                        stop_epoch=sel["epoch"], grids=grids, cohort_info=cohort_info)
+                        stop_epoch=sel["epoch"], grids=grids, cohort_info=cohort_info,
+                        package_extra={"calibration": calibration})
     if rank != 0:
         return {"fold": fold, "variant": variant["name"], "rank": rank}
 

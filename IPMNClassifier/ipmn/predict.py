@@ -52,6 +52,14 @@ def preprocess_of(config: dict) -> tuple[PreprocessConfig, dict | None]:
     return PreprocessConfig.from_dict(pre), landmarks
 
 
+def temperature_of(config: dict) -> float:
+    """The softmax temperature recorded in a package (1.0 = uncalibrated); refuses a value that is not > 0."""
+    t = (config.get("calibration") or {}).get("temperature", 1.0)
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+        raise IPMNError(f"the model's calibration temperature must be a positive number (got {t!r})")
+    return float(t)
+
+
 class Predictor:
     """Loaded model package(s) ready to predict cases."""
 
@@ -80,6 +88,7 @@ class Predictor:
         self.k = int(first["k"])
         self.cell = int(first["cell"])
         self.class_names = list(first.get("class_names") or CLASS_NAMES)
+        self.temperatures = [temperature_of(c) for c in self.configs]
 
     # ------------------------------------------------------------------------------------------
     def _autocast(self):
@@ -137,7 +146,7 @@ class Predictor:
         t = time.perf_counter()
         starts, first_arr, all_probs, all_maps = self._infer(per_model_case, windows, stride, pad, tta)
         timing["model_and_explain"] = time.perf_counter() - t
-        model_probs = np.stack([p.mean(0) for p in all_probs])  # (models, C)
+        model_probs = self._calibrated(np.stack([p.mean(0) for p in all_probs]))  # (models, C)
         mean_probs = model_probs.mean(0)
         mean_probs = mean_probs / mean_probs.sum()
         pred = int(np.argmax(mean_probs))
@@ -168,6 +177,17 @@ class Predictor:
             result["timing_s"] = {k: round(v, 4) for k, v in timing.items()}
         progress.stage("done", fraction=1.0)
         return result
+
+    def _calibrated(self, model_probs: np.ndarray) -> np.ndarray:
+        """Each model's window-averaged probabilities with its fitted temperature applied (nested CV fits
+        it on inner folds): ``softmax(log p / T)``, the same rule as the cv report's "after T"."""
+        from ipmn.metrics import softmax
+
+        out = model_probs.astype(np.float64)
+        for i, t in enumerate(self.temperatures):
+            if t != 1.0:
+                out[i] = softmax(np.log(np.clip(out[i], 1e-12, 1.0))[None], t)[0]
+        return out
 
     def _preprocess(self, volumes, box, timing: dict) -> list:
         """The case on its ROI grid, once per distinct preprocessing (fold models may carry their own Nyúl
@@ -259,6 +279,8 @@ class Predictor:
                 "deletion_auc": None if fid is None else fid["auc_saliency"],
                 "random_deletion_auc": None if fid is None else fid["auc_random"],
             },
+            "calibration": {"temperature": self.temperatures if len(self.models) > 1 else self.temperatures[0],
+                            "applied": any(t != 1.0 for t in self.temperatures)},
             "attention_levels": {str(i + 1): f"top {lv:g}%" for i, lv in enumerate(levels)},
             "device": str(self.device),
             "precision": self.precision,

@@ -156,7 +156,8 @@ def _card(cohort_info: dict | None, n_train: int, mcfg: dict) -> str:
 # ------------------------------------------------------------------------------------------------ entry point
 def train_model(cases, config, out_dir, val_cases=None, device="cpu", progress=None, resume=False, *,
                 package_dir=None, stop_epoch: int | None = None, grids: dict | None = None,
-                cohort_info: dict | None = None, keep_val_logits: bool = False, overwrite: bool = False) -> dict:
+                cohort_info: dict | None = None, keep_val_logits: bool = False, overwrite: bool = False,
+                package_extra: dict | None = None) -> dict:
     """Train one model; returns a summary dict (history, best epoch, validation metrics, package path).
 
     ``config``: a raw config dict (sections model/preprocess/train/cv/data) or a resolved one.
@@ -165,14 +166,16 @@ def train_model(cases, config, out_dir, val_cases=None, device="cpu", progress=N
     stop after this epoch (the LR schedule still spans ``train.epochs``, as in the inner folds that chose
     it). ``grids``: preloaded cache entries (case_id → CachedGrid). ``resume``: continue from the last
     checkpoint; a finished run is returned as it is. ``keep_val_logits``: record per-epoch validation
-    log-probabilities in the history (nested CV uses them for temperature scaling).
+    log-probabilities in the history (nested CV uses them for temperature scaling). ``package_extra``:
+    more entries for the package's config.json (nested CV: the ``calibration`` fitted on inner folds).
     """
     import torch
 
     det = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     try:
         trainer = Trainer(cases, config, out_dir, val_cases, device, progress, package_dir=package_dir,
-                          stop_epoch=stop_epoch, cohort_info=cohort_info, keep_val_logits=keep_val_logits)
+                          stop_epoch=stop_epoch, cohort_info=cohort_info, keep_val_logits=keep_val_logits,
+                          package_extra=package_extra)
         done = trainer.prepare(resume, overwrite)
         if done is not None:
             return done
@@ -190,7 +193,8 @@ class Trainer:
     """One training run as named steps; :func:`train_model` calls them in order."""
 
     def __init__(self, cases, config, out_dir, val_cases=None, device="cpu", progress=None, *, package_dir=None,
-                 stop_epoch: int | None = None, cohort_info: dict | None = None, keep_val_logits: bool = False):
+                 stop_epoch: int | None = None, cohort_info: dict | None = None, keep_val_logits: bool = False,
+                 package_extra: dict | None = None):
         from ipmn.progress import Progress
 
         self.cfg = config if is_resolved(config) else resolve_config(config)
@@ -203,6 +207,7 @@ class Trainer:
         self.cases, self.val_cases = list(cases), list(val_cases or [])
         self.cohort_info = cohort_info
         self.keep_val_logits = keep_val_logits
+        self.package_extra = dict(package_extra or {})
         self.rank, self.world, self.local_rank = dist_info()
         self.is_main = self.rank == 0
         self.ddp = self.world > 1
@@ -555,5 +560,6 @@ class Trainer:
             if val_metrics else {},
             "card": _card(self.cohort_info, len(self.cases), mcfg),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            **self.package_extra,
         }
         save_package(self.package_dir, self.net, pkg, dtype=self.tcfg["save_dtype"])
