@@ -1,0 +1,171 @@
+"""What would break or mislead in a real Slicer 5.10-5.12 (issue 12), checked with slicer-core and small
+stand-in processes: ROI from a transformed segmentation, the CTK launcher's abnormal-exit line, a worker
+that ignores "quit", temporary folders on Windows, old result copies."""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest_slicer import CLASSIFIER_DIR, make_scene  # puts the module folders on sys.path
+
+slicer = pytest.importorskip("slicer")
+vtk = pytest.importorskip("vtk")
+
+from IPMNClassifierLib import engine as eng  # noqa: E402
+from IPMNClassifierLib.logic import ClassifierLogic, asciiTempPath, pruneResultFolders  # noqa: E402
+
+
+@pytest.fixture
+def scene(monkeypatch):
+    return make_scene(monkeypatch)[0]
+
+
+def _segmentation(scene, mask, ijk_to_ras, name="segmentation"):
+    label = slicer.util.addVolumeFromArray(mask, ijkToRAS=ijk_to_ras, name=f"{name} labels",
+                                           nodeClassName="vtkMRMLLabelMapVolumeNode")
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(label, seg)
+    scene.RemoveNode(label)
+    return seg
+
+
+def _translation(scene, x=0.0, y=0.0, z=0.0):
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    matrix = vtk.vtkMatrix4x4()
+    for axis, value in enumerate((x, y, z)):
+        matrix.SetElement(axis, 3, value)
+    transform.SetMatrixTransformToParent(matrix)
+    return transform
+
+
+# ----------------------------------------------------------------------------------------------- item 4
+def test_roi_from_a_transformed_segmentation_moves_with_it_once(scene):
+    mask = np.zeros((10, 20, 20), np.uint8)  # (k, j, i), 1 mm voxels, identity directions
+    mask[2:6, 5:10, 4:12] = 1
+    seg = _segmentation(scene, mask, np.eye(4))
+    logic = ClassifierLogic(moduleDir=CLASSIFIER_DIR)
+    sid = seg.GetSegmentation().GetNthSegmentID(0)
+    before = logic.segmentBoundsRAS(seg, sid)
+    seg.SetAndObserveTransformNodeID(_translation(scene, x=100.0, z=-30.0).GetID())
+    after = logic.segmentBoundsRAS(seg, sid)
+    # the voxel edges: i 3.5..11.5, j 4.5..9.5, k 1.5..5.5 (RAS = IJK here), then +100 mm R, -30 mm S
+    assert before.tolist() == pytest.approx([3.5, 11.5, 4.5, 9.5, 1.5, 5.5])
+    assert (after - before).tolist() == pytest.approx([100.0, 100.0, 0.0, 0.0, -30.0, -30.0])
+    roi = logic.roiFromSegment(seg, sid, marginMm=0.0)
+    assert list(roi.GetCenter()) == pytest.approx([107.5, 7.0, -26.5])
+
+
+def test_reused_roi_loses_its_rotation(scene):
+    mask = np.zeros((10, 20, 20), np.uint8)
+    mask[2:6, 5:10, 4:12] = 1
+    seg = _segmentation(scene, mask, np.eye(4))
+    logic = ClassifierLogic(moduleDir=CLASSIFIER_DIR)
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "old ROI")
+    rotation = vtk.vtkMatrix4x4()
+    rotation.SetElement(0, 0, 0.0), rotation.SetElement(0, 1, -1.0)
+    rotation.SetElement(1, 0, 1.0), rotation.SetElement(1, 1, 0.0)  # 90 degrees about S
+    roi.SetAndObserveObjectToNodeMatrix(rotation)
+    roi.SetSize(1.0, 1.0, 1.0)
+    again = logic.roiFromSegment(seg, seg.GetSegmentation().GetNthSegmentID(0), marginMm=1.0, roiNode=roi)
+    assert again is roi
+    bounds = [0.0] * 6
+    roi.GetRASBounds(bounds)  # axis-aligned: the RAS bounds are the segment's box plus the margin
+    assert bounds == pytest.approx([2.5, 12.5, 3.5, 10.5, 0.5, 6.5])
+
+
+def test_the_pancreas_is_preselected_among_many_segments(scene):
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "TotalSegmentator")
+    names = [f"organ {i}" for i in range(60)] + ["pancreatic duct", "Pancreas"] + [f"vessel {i}" for i in range(40)]
+    ids = {name: seg.GetSegmentation().AddEmptySegment("", name) for name in names}
+    assert ClassifierLogic.pancreasSegmentID(seg) == ids["Pancreas"]
+    other = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "manual")
+    first = other.GetSegmentation().AddEmptySegment("", "lesion")
+    other.GetSegmentation().AddEmptySegment("", "liver")
+    assert ClassifierLogic.pancreasSegmentID(other) == first
+    assert ClassifierLogic.pancreasSegmentID(None) == ""
+
+
+# ----------------------------------------------------------------------------------------------- item 5
+LAUNCHER_LINE = "error: [/opt/Slicer/bin/python-real] exit abnormally - Report the problem."
+
+
+def test_launcher_abnormal_exit_is_read_as_out_of_memory():
+    message = eng.describe_exit(1, ["loading model", LAUNCHER_LINE])
+    assert eng.OOM_ADVICE in message and "stopped with a Python error" not in message
+    # an ordinary Python error (exit code 1, no launcher line) stays a Python error
+    assert "Python error" in eng.describe_exit(1, ["Traceback", "ValueError: bad"])
+
+
+def test_a_killed_engine_behind_the_launcher_gives_the_memory_advice(tmp_path):
+    script = tmp_path / "launcher.py"
+    script.write_text(f"print('predicting', flush=True)\nprint({LAUNCHER_LINE!r}, flush=True)\nraise SystemExit(1)\n")
+    launcher = eng.EngineLauncher(python=sys.executable, module_dir=tmp_path, command_prefix=[sys.executable, str(script)])
+    run = eng.EngineRun(launcher.start(launcher.command("predict")))
+    assert run.wait(timeout=30) == 1
+    error = run.error()
+    assert error.out_of_memory and eng.OOM_ADVICE in str(error)
+
+
+# ----------------------------------------------------------------------------------------------- item 8
+def test_stopping_a_stuck_worker_does_not_block(tmp_path):
+    script = tmp_path / "stuck_worker.py"
+    script.write_text(textwrap.dedent("""
+        import json, sys, time
+        print(json.dumps({"event": "ready"}), flush=True)
+        sys.stdin.close()
+        time.sleep(60)  # ignores "quit" and the closed pipe
+    """))
+    launcher = eng.EngineLauncher(python=sys.executable, module_dir=tmp_path, command_prefix=[sys.executable, str(script)])
+    worker = eng.EngineWorker(launcher)
+    deadline = time.monotonic() + 20
+    while not worker.ready and time.monotonic() < deadline:
+        worker.poll()
+        time.sleep(0.05)
+    assert worker.ready
+    started = time.monotonic()
+    worker.stop(timeout=1.0)
+    assert time.monotonic() - started < 0.5  # the GUI thread is free at once
+    deadline = time.monotonic() + 15
+    while worker.alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not worker.alive  # killed in the background after the timeout
+
+
+# ----------------------------------------------------------------------------------------------- item 9
+def test_temporary_patient_images_stay_in_the_users_folder():
+    user_temp = "C:\\Users\\Jürgen\\AppData\\Local\\Temp"
+    machine_wide = os.environ.get("ProgramData", "C:\\ProgramData")
+    chosen = asciiTempPath(user_temp, windows=True, shortPath=lambda p: "C:\\Users\\JRGEN~1\\AppData\\Local\\Temp")
+    assert chosen == "C:\\Users\\JRGEN~1\\AppData\\Local\\Temp"
+    # no ASCII short name (8.3 names switched off): the user's folder as it is, never ProgramData
+    kept = asciiTempPath(user_temp, windows=True, shortPath=lambda p: None)
+    assert kept == user_temp and not kept.startswith(machine_wide)
+    assert asciiTempPath("/tmp/Jürgen", windows=False, shortPath=lambda p: "X") == "/tmp/Jürgen"
+
+
+def test_old_result_copies_are_removed(tmp_path):
+    now = time.time()
+    folders = []
+    for i in range(30):
+        folder = tmp_path / f"case-{i:02d}"
+        folder.mkdir()
+        (folder / "prediction.json").write_text("{}")
+        age = 3600.0 * i + (30 * 24 * 3600 if i == 3 else 0)  # case-03 is a month old
+        os.utime(folder, (now - age, now - age))
+        folders.append(folder)
+    foreign = tmp_path / "user notes"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    newest = folders[29]  # the folder just written is kept whatever its time stamp
+    os.utime(newest, (now - 10 * 24 * 3600,) * 2)
+    removed = pruneResultFolders(tmp_path, keep=newest, maxCount=10)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert "user notes" in left and newest.name in left and "case-03" not in left
+    assert len(left) == 1 + 10 and len(removed) == 20
+    assert [f"case-{i:02d}" for i in (0, 1, 2, 4, 5, 6, 7, 8, 9)] == [n for n in left if n.startswith("case") and n != newest.name]
