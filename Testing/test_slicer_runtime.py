@@ -169,3 +169,46 @@ def test_old_result_copies_are_removed(tmp_path):
     assert "user notes" in left and newest.name in left and "case-03" not in left
     assert len(left) == 1 + 10 and len(removed) == 20
     assert [f"case-{i:02d}" for i in (0, 1, 2, 4, 5, 6, 7, 8, 9)] == [n for n in left if n.startswith("case") and n != newest.name]
+
+
+# ----------------------------------------------------------------------------------------------- items 6, 7
+def test_intel_mac_with_numpy_2_is_refused_with_a_reason():
+    from IPMNClassifierLib.dependencies import platformProblem
+
+    message = platformProblem("Darwin", "x86_64", "2.1.3")
+    assert message and "Intel Mac" in message and "numpy" in message
+    assert platformProblem("Darwin", "x86_64", "1.26.4") is None
+    assert platformProblem("Darwin", "arm64", "2.1.3") is None
+    assert platformProblem("Windows", "AMD64", "2.1.3") is None
+
+
+def _fake_light_the_torch(folder: Path, code: int) -> Path:
+    package = folder / "light_the_torch"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "__main__.py").write_text(
+        "import sys\nprint('Collecting torch', flush=True)\nprint('ERROR: No matching distribution found for torch>=2.2')\n"
+        f"sys.exit({code})\n")
+    return folder
+
+
+def test_torch_install_failure_is_one_message_and_torch_stays_out(tmp_path, monkeypatch):
+    from ipmn.errors import IPMNError
+    from IPMNClassifierLib import dependencies
+
+    monkeypatch.setenv("PYTHONPATH", str(_fake_light_the_torch(tmp_path / "fail", 1)))
+    installs = []
+    monkeypatch.setattr(dependencies, "_installedVersion", lambda name: None)
+    before = set(sys.modules)
+    with pytest.raises(IPMNError, match="No matching distribution found"):
+        dependencies.installTorch(sys.executable, installs.append)
+    assert installs == ["light-the-torch>=0.5"]
+    monkeypatch.setenv("PYTHONPATH", str(_fake_light_the_torch(tmp_path / "ok", 0)))
+    dependencies.installTorch(sys.executable, installs.append)
+    assert "torch" not in set(sys.modules) - before
+
+
+def test_module_never_uses_pytorchutils_install_in_process():
+    source = (CLASSIFIER_DIR / "IPMNClassifierLib" / "dependencies.py").read_text(encoding="utf-8")
+    assert ".installTorch(" not in source.replace("dependencies.installTorch(", "")
+    assert "platformProblem()" in source.split("def ensureDependencies", 1)[1]
