@@ -212,3 +212,70 @@ def test_module_never_uses_pytorchutils_install_in_process():
     source = (CLASSIFIER_DIR / "IPMNClassifierLib" / "dependencies.py").read_text(encoding="utf-8")
     assert ".installTorch(" not in source.replace("dependencies.installTorch(", "")
     assert "platformProblem()" in source.split("def ensureDependencies", 1)[1]
+
+
+# ----------------------------------------------------------------------------------------------- items 1, 2
+class _SampleDataLogic510:
+    """SampleDataLogic as in Slicer 5.10: no registerCustomSampleDataCategory."""
+
+    sources = []
+
+    @staticmethod
+    def registerCustomSampleDataSource(category="Custom", sampleName=None, uris=None, fileNames=None, nodeNames=None,
+                                       thumbnailFileName=None, loadFileTypes=None, customDownloader=None,
+                                       checksums=None, loadFiles=None, loadFileProperties=None):
+        _SampleDataLogic510.sources.append((category, sampleName, list(uris), list(checksums)))
+
+
+class _SampleDataLogic512(_SampleDataLogic510):
+    categories = []
+
+    @staticmethod
+    def registerCustomSampleDataCategory(category, title):
+        _SampleDataLogic512.categories.append((category, title))
+
+
+def test_sample_data_registers_on_5_10_and_5_12():
+    from types import SimpleNamespace
+
+    from IPMNClassifierLib import sampledata
+
+    _SampleDataLogic510.sources.clear()
+    assert sampledata.registerSampleData(SimpleNamespace(SampleDataLogic=_SampleDataLogic510), CLASSIFIER_DIR)
+    (category, name, uris, checksums), = _SampleDataLogic510.sources
+    assert (category, name, len(uris)) == ("IPMN", "IPMNPhantom", 4)
+    assert all(c.startswith("SHA256:") and len(c) == 7 + 64 for c in checksums)
+    assert sampledata.registerSampleData(SimpleNamespace(SampleDataLogic=_SampleDataLogic512), CLASSIFIER_DIR)
+    assert _SampleDataLogic512.categories == [("IPMN", "IPMN")]
+
+
+def test_sample_nodes_come_from_download_samples(scene):
+    from types import SimpleNamespace
+
+    from IPMNClassifierLib import sampledata
+
+    t1 = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "IPMN phantom T1")
+    t2 = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "IPMN phantom T2")
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "IPMN phantom ROI")
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "IPMN phantom pancreas")
+    # SampleData.downloadSample returns only the first node; downloadSamples returns them all
+    fake = SimpleNamespace(downloadSamples=lambda name: [t1, t2, roi, seg] if name == "IPMNPhantom" else [],
+                           downloadSample=lambda name: t1)
+    assert sampledata.loadSampleNodes(fake) == {"t1": t1, "t2": t2, "roi": roi, "segmentation": seg}
+    missing = SimpleNamespace(downloadSamples=lambda name: [])  # not registered: nothing loads, no IndexError
+    assert sampledata.loadSampleNodes(missing) is None
+    assert sampledata.expectedSampleClass(CLASSIFIER_DIR) == "high"
+
+
+def test_self_test_uses_download_samples_skips_softly_and_checks_the_grade():
+    import ast
+
+    source = (CLASSIFIER_DIR / "IPMNClassifier.py").read_text(encoding="utf-8")
+    tree = ast.parse(source)
+    calls = {n.func.attr for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
+    assert "downloadSample" not in calls and "registerCustomSampleDataCategory" not in calls
+    test_class = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "IPMNClassifierTest")
+    run_test = next(n for n in test_class.body if isinstance(n, ast.FunctionDef) and n.name == "runTest")
+    handlers = [h for n in ast.walk(run_test) if isinstance(n, ast.Try) for h in n.handlers]
+    assert any("SkipTest" in ast.unparse(h.type) for h in handlers), "runTest must turn skips into a message"
+    assert "expectedSampleClass" in ast.unparse(test_class)
