@@ -410,7 +410,7 @@ def test_logic_command_lines_match_the_engine_parser(tmp_path):
                 models,
                 ["t1"],
                 ["early"],
-                5,
+                None,  # folds not set: the preset's value (cv.outer) is used, not a default of the panel
             )
         else:
             assert (parsed.arch, parsed.modalities, parsed.fusion) == ("vit_tiny", "t1", "early")
