@@ -48,7 +48,7 @@ class IPMNClassifier(ScriptedLoadableModule):
         self.parent.title = _("IPMN Classifier")
         self.parent.categories = [_("IPMN")]
         self.parent.dependencies = ["Markups", "Segmentations", "SubjectHierarchy"]
-        self.parent.contributors = ["IPMN extension developers (https://github.com/ipmn-slicer/IPMN)"]
+        self.parent.contributors = ["TODO-CONTRIBUTORS (TODO-ORGANISATION)"]  # placeholder: see CMakeLists.txt
         self.parent.helpText = _("""
 Grades an intraductal papillary mucinous neoplasm (IPMN) of the pancreas on a T1 and a T2 MRI series as
 <b>normal</b>, <b>low risk</b> or <b>high risk</b> with a Vision Transformer, and shows where the model looked
@@ -64,7 +64,7 @@ Slicer versions (<i>Open models folder</i>; set the environment variable IPMN_MO
 internet, copy a model folder (model.safetensors + config.json) there or use <i>Add model folder...</i>.
 On macOS the CPU is used. Requires Slicer 5.10 or later.
 <p><b>Research use only. Not for clinical decisions.</b></p>
-See the <a href="https://github.com/ipmn-slicer/IPMN">documentation</a>.
+See the README of the extension (TODO-REPOSITORY-URL).
 """)
         self.parent.acknowledgementText = _("""
 Method after Proietto Salanitri et al., "Neural Transformers for Intraductal Papillary Mucosal Neoplasms (IPMN)

@@ -46,7 +46,7 @@ class IPMNTrainer(ScriptedLoadableModule):
         self.parent.title = _("IPMN Trainer")
         self.parent.categories = [_("IPMN")]
         self.parent.dependencies = ["IPMNClassifier", "Plots", "Tables"]
-        self.parent.contributors = ["IPMN extension developers (https://github.com/ipmn-slicer/IPMN)"]
+        self.parent.contributors = ["TODO-CONTRIBUTORS (TODO-ORGANISATION)"]  # placeholder: see CMakeLists.txt
         self.parent.helpText = _("""
 Trains IPMN classifiers on a local cohort and estimates their performance with nested cross-validation
 (patient-level outer folds; every choice such as the epoch is made on inner folds only).
