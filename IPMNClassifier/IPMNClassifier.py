@@ -184,7 +184,7 @@ class IPMNClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.timer:
             self.timer.stop()
         if self.logic:
-            self.logic.stopWorker()
+            self.logic.stopWorker(block=True)
         self.removeObservers()
 
     def enter(self) -> None:

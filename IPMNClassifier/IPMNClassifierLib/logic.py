@@ -506,9 +506,10 @@ class ClassifierLogic:
             self.worker = eng.EngineWorker(self.launcher, device=task.options.device, key=key)
         return self.worker
 
-    def stopWorker(self) -> None:
+    def stopWorker(self, block: bool = False) -> None:
+        """Stop the worker; returns at once unless ``block`` (application exit: make sure it is gone)."""
         if self.worker is not None:
-            self.worker.stop()
+            self.worker.stop(block=block)
             self.worker = None
 
     def startAsync(self, task: PredictTask, keepEngineLoaded: bool = True) -> AsyncPrediction:

@@ -84,12 +84,16 @@ class SliceComposer:
         return x, y, z
 
     def writePng(self, path) -> None:
-        """The composed view as a PNG (top row first, as it appears on screen)."""
+        """The composed view as an RGB PNG (top row first, as on screen; no alpha: outside the volume is
+        black, as in a slice view)."""
         blend = self.logic.GetBlend()
         blend.Update()
+        rgb = vtk.vtkImageExtractComponents()
+        rgb.SetInputConnection(blend.GetOutputPort())
+        rgb.SetComponents(0, 1, 2)
         writer = vtk.vtkPNGWriter()
         writer.SetFileName(str(path))
-        writer.SetInputConnection(blend.GetOutputPort())
+        writer.SetInputConnection(rgb.GetOutputPort())
         writer.Write()
 
 
