@@ -182,7 +182,7 @@ def ensureDependencies(requirementsPath, requester: str = "IPMN") -> None:
     problem = platformProblem() if needTorch else None
     if problem:
         raise IPMNError(problem)
-    wanted = ([f"torch{TORCH_REQUIREMENT} and torchvision (through the PyTorch extension, matching your GPU driver)"]
+    wanted = ([f"torch{TORCH_REQUIREMENT} and torchvision (with light-the-torch, as the PyTorch extension does: the build matching your GPU driver)"]
               if needTorch else []) + missing
     if slicer.app.testingEnabled():
         raise IPMNError("missing Python packages (not installed in testing mode): " + ", ".join(wanted))
