@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast test-slow lint bench bench-gpu demo-model demo-cv sample-data clean
+.PHONY: venv demo test test-fast test-slow lint bench bench-gpu demo-model demo-cv sample-data screenshots clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,10 @@ demo-cv: venv
 ## Rebuild the bundled sample case (Resources/SampleData)
 sample-data: venv
 	$(BIN)/python Resources/scripts/make_sample.py Resources/SampleData
+
+## The sample case's result as Slicer's slice views compose it (slicer-core, no Slicer app) -> Resources/Screenshots/
+screenshots: venv
+	$(BIN)/python Resources/scripts/make_screenshots.py
 
 clean:
 	rm -rf ipmn-demo .pytest_cache build

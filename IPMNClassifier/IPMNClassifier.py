@@ -8,6 +8,7 @@ binds the panel to :mod:`IPMNClassifierLib.logic`. Requires Slicer 5.10 or later
 import enum
 import logging
 import time
+import unittest
 from pathlib import Path
 from typing import Annotated
 
@@ -27,9 +28,10 @@ from slicer.util import VTKObservationMixin
 
 from ipmn import registry
 from ipmn.errors import IPMNError
-from IPMNClassifierLib import dependencies
+from IPMNClassifierLib import dependencies, sampledata
 from IPMNClassifierLib import engine as eng
-from IPMNClassifierLib.logic import CLASS_TITLES, ClassifierLogic, PredictOptions, sampleDataSpec
+from IPMNClassifierLib.logic import CLASS_TITLES, ClassifierLogic, PredictOptions
+from IPMNClassifierLib.slicecompose import resultLayers
 
 MINIMUM_SLICER_VERSION = (5, 10)
 RISK_COLORS = {"normal": "#2e7d32", "low": "#ef6c00", "high": "#c62828"}
@@ -46,7 +48,7 @@ class IPMNClassifier(ScriptedLoadableModule):
         self.parent.title = _("IPMN Classifier")
         self.parent.categories = [_("IPMN")]
         self.parent.dependencies = ["Markups", "Segmentations", "SubjectHierarchy"]
-        self.parent.contributors = ["IPMN extension developers (https://github.com/ipmn-slicer/IPMN)"]
+        self.parent.contributors = ["TODO-CONTRIBUTORS (TODO-ORGANISATION)"]  # placeholder: see CMakeLists.txt
         self.parent.helpText = _("""
 Grades an intraductal papillary mucinous neoplasm (IPMN) of the pancreas on a T1 and a T2 MRI series as
 <b>normal</b>, <b>low risk</b> or <b>high risk</b> with a Vision Transformer, and shows where the model looked
@@ -62,7 +64,7 @@ Slicer versions (<i>Open models folder</i>; set the environment variable IPMN_MO
 internet, copy a model folder (model.safetensors + config.json) there or use <i>Add model folder...</i>.
 On macOS the CPU is used. Requires Slicer 5.10 or later.
 <p><b>Research use only. Not for clinical decisions.</b></p>
-See the <a href="https://github.com/ipmn-slicer/IPMN">documentation</a>.
+See the README of the extension (TODO-REPOSITORY-URL).
 """)
         self.parent.acknowledgementText = _("""
 Method after Proietto Salanitri et al., "Neural Transformers for Intraductal Papillary Mucosal Neoplasms (IPMN)
@@ -82,21 +84,7 @@ def registerSampleData():
         import SampleData
     except ImportError:
         return
-    spec = sampleDataSpec(Path(__file__).resolve().parent)
-    if spec is None:
-        return
-    iconsPath = Path(__file__).resolve().parent / "Resources" / "Icons"
-    SampleData.SampleDataLogic.registerCustomSampleDataCategory("IPMN", title=_("IPMN"))
-    SampleData.SampleDataLogic.registerCustomSampleDataSource(
-        category="IPMN",
-        sampleName="IPMNPhantom",
-        thumbnailFileName=str(iconsPath / "IPMNClassifier.png"),
-        uris=spec["uris"],
-        fileNames=spec["fileNames"],
-        nodeNames=spec["nodeNames"],
-        checksums=spec["checksums"],
-        loadFileTypes=spec["loadFileTypes"],
-    )
+    sampledata.registerSampleData(SampleData, Path(__file__).resolve().parent, title=_("IPMN"))
 
 
 #
@@ -168,6 +156,7 @@ class IPMNClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
+        self.ui.segmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSegmentationChanged)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.createRoiButton.connect("clicked(bool)", self.onCreateRoi)
         self.ui.roiFromSegmentationButton.connect("clicked(bool)", self.onRoiFromSegmentation)
@@ -195,7 +184,7 @@ class IPMNClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.timer:
             self.timer.stop()
         if self.logic:
-            self.logic.stopWorker()
+            self.logic.stopWorker(block=True)
         self.removeObservers()
 
     def enter(self) -> None:
@@ -347,6 +336,12 @@ class IPMNClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.roi = roi
             self._showStatus(_("ROI created at the slice view centre: drag its handles onto the pancreas."))
 
+    def onSegmentationChanged(self, node) -> None:
+        """Preselect the pancreas among many segments (a TotalSegmentator result has about 100)."""
+        segmentID = self.logic.pancreasSegmentID(node)
+        if segmentID:
+            self.ui.segmentSelector.setCurrentSegmentID(segmentID)
+
     def onRoiFromSegmentation(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to set the ROI from the segmentation."), waitCursor=True):
             try:
@@ -438,9 +433,8 @@ class IPMNClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         self.lastResult = result
         p.resultTable, p.heatmapVolume, p.labelVolume = result.tableNode, result.heatmapNode, result.labelNode
-        slicer.util.setSliceViewerLayers(background=p.t1Volume, foreground=result.heatmapNode,
-                                         foregroundOpacity=p.heatmapOpacity,
-                                         label=result.labelNode if p.showAttentionLabels else "keep-current")
+        slicer.util.setSliceViewerLayers(**resultLayers(p.t1Volume, result.heatmapNode, result.labelNode,
+                                                        p.heatmapOpacity, p.showAttentionLabels, "keep-current"))
         self._showResultPanel(result)
         self._showStatus(_("Done in {s:.1f} s.").format(s=time.monotonic() - self.startTime))
 
@@ -575,23 +569,22 @@ class IPMNClassifierTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        self.setUp()
-        self.test_IPMNClassifier_sample_case()
-        self.setUp()
-        self.test_IPMNClassifier_roi_from_segmentation()
+        # "Reload and Test" calls runTest directly (no unittest runner): a skip must not read as a failure.
+        for test in (self.test_IPMNClassifier_sample_case, self.test_IPMNClassifier_roi_from_segmentation):
+            self.setUp()
+            try:
+                test()
+            except unittest.SkipTest as exc:
+                self.delayDisplay(f"{test.__name__} skipped: {exc}")
 
     def _sample(self):
         import SampleData
 
         registerSampleData()
-        nodes = SampleData.downloadSample("IPMNPhantom")
-        if not nodes:
+        nodes = sampledata.loadSampleNodes(SampleData)
+        if nodes is None:
             self.skipTest("the IPMN sample data is not bundled in this build")
-        byClass = {}
-        for node in nodes:
-            byClass.setdefault(node.GetClassName(), []).append(node)
-        volumes = byClass.get("vtkMRMLScalarVolumeNode", [])
-        return volumes[0], volumes[1], byClass["vtkMRMLMarkupsROINode"][0], byClass.get("vtkMRMLSegmentationNode", [None])[0]
+        return nodes["t1"], nodes["t2"], nodes["roi"], nodes["segmentation"]
 
     def test_IPMNClassifier_sample_case(self):
         self.delayDisplay("Classifying the phantom case with the demo model")
@@ -603,8 +596,16 @@ class IPMNClassifierTest(ScriptedLoadableModuleTest):
         models = [m for m in logic.listModels() if m.source == "bundled" and m.valid]
         if not models:
             self.skipTest("the demo model is not bundled in this build")
-        result = logic.process(t1, t2, roi, models[0], PredictOptions(device="cpu"), timeout=600)
+        # all windows, as `ipmn demo` runs the sample case
+        result = logic.process(t1, t2, roi, models[0], PredictOptions(device="cpu", windows="all"), timeout=600)
         self.assertAlmostEqual(sum(ClassifierLogic.tableProbabilities(result.tableNode).values()), 1.0, places=3)
+        # The phantom's true grade (sample.json) is high risk: it must not look normal, and the true grade must
+        # get a substantial share. (The demo model is near its low/high boundary on this case; the exact
+        # class is checked in Testing/test_slicer_runtime.py.)
+        probabilities = ClassifierLogic.tableProbabilities(result.tableNode)
+        truth = sampledata.expectedSampleClass(Path(__file__).resolve().parent)
+        self.assertLess(probabilities["normal"], 0.1)
+        self.assertGreaterEqual(probabilities[truth], 0.3)
         for node in (result.heatmapNode, result.labelNode):
             self.assertEqual(node.GetImageData().GetDimensions(), t1.GetImageData().GetDimensions())
             a, b = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()

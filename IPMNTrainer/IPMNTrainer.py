@@ -5,6 +5,7 @@ Runs ``ipmn cv`` / ``ipmn train`` (the same code as the command line) in a separ
 """
 
 import enum
+import json
 import logging
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ import IPMNClassifierLib
 from ipmn.errors import IPMNError
 from IPMNClassifierLib import dependencies
 from IPMNClassifierLib import engine as eng
+from IPMNTrainerLib import presets
 from IPMNTrainerLib.logic import LearningCurves, TrainerLogic, TrainingOptions, formatSeconds, parseModels
 
 REQUIREMENTS = Path(IPMNClassifierLib.__file__).resolve().parent.parent / "Resources" / "requirements.txt"
@@ -44,7 +46,7 @@ class IPMNTrainer(ScriptedLoadableModule):
         self.parent.title = _("IPMN Trainer")
         self.parent.categories = [_("IPMN")]
         self.parent.dependencies = ["IPMNClassifier", "Plots", "Tables"]
-        self.parent.contributors = ["IPMN extension developers (https://github.com/ipmn-slicer/IPMN)"]
+        self.parent.contributors = ["TODO-CONTRIBUTORS (TODO-ORGANISATION)"]  # placeholder: see CMakeLists.txt
         self.parent.helpText = _("""
 Trains IPMN classifiers on a local cohort and estimates their performance with nested cross-validation
 (patient-level outer folds; every choice such as the epoch is made on inner folds only).
@@ -103,10 +105,39 @@ class TrainDevice(enum.Enum):
         return {"auto": _("Auto (GPU if available)"), "cpu": "CPU", "cuda": "CUDA GPU"}[self.value]
 
 
+class Preset(enum.Enum):
+    PRACTICAL = "practical"
+    PAPER = "paper"
+    REFERENCE = "reference"
+    DEMO = "demo"
+    FILE = "file"
+
+    def label(self):
+        return {"practical": _("Practical (workstation / one GPU)"), "paper": _("Paper (ViT-B, 3000 epochs)"),
+                "reference": _("Reference code (reproduction only)"), "demo": _("Demo (phantoms, tiny ViT)"),
+                "file": _("YAML file...")}[self.value]
+
+
+class PretrainedSource(enum.Enum):
+    PRESET = "preset"
+    HUB = "hub"
+    FILE = "file"
+    NONE = "none"
+
+    def label(self):
+        return {"preset": _("As in the preset"), "hub": _("Download from the timm hub (internet)"),
+                "file": _("Local file"), "none": _("None (random initialisation)")}[self.value]
+
+
+# Paths are plain strings, bound by hand: an unset Path parameter shows "." (or Slicer's working folder).
 @parameterNodeWrapper
 class IPMNTrainerParameterNode:
-    cohortPath: Path
-    configPath: Path
+    cohortPath: str = ""
+    configPath: str = ""
+    preset: Preset = Preset.PRACTICAL
+    presetShown: str = ""  # JSON: the preset's values as shown in the panel (only changes are sent)
+    pretrainedSource: PretrainedSource = PretrainedSource.PRESET
+    pretrainedFile: str = ""
     runKind: RunKind = RunKind.CV
     models: str = "vit_small"
     modalities: Modalities = Modalities.T1T2
@@ -118,7 +149,7 @@ class IPMNTrainerParameterNode:
     outerFolds: Annotated[int, WithinRange(2, 50)] = 5
     innerFolds: Annotated[int, WithinRange(2, 20)] = 3
     device: TrainDevice = TrainDevice.AUTO
-    outputDir: Path
+    outputDir: str = ""
     resume: bool = False
     registerName: str = ""
     resultsTable: vtkMRMLTableNode
@@ -148,6 +179,7 @@ class IPMNTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.lastRun = None  # (output folder, kind) of the last finished run
         self.curvesShown = False
         self.startTime = time.monotonic()
+        self._applyingPreset = False
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -171,6 +203,11 @@ class IPMNTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.openReportButton.connect("clicked(bool)", self.onOpenReport)
         self.ui.registerModelButton.connect("clicked(bool)", self.onRegisterModel)
         self.ui.runKindComboBox.connect("currentIndexChanged(int)", self._updateEnabled)
+        self.pathWidgets = {"cohortPath": self.ui.cohortPathLineEdit, "configPath": self.ui.configPathLineEdit,
+                            "outputDir": self.ui.outputPathLineEdit, "pretrainedFile": self.ui.pretrainedPathLineEdit}
+        for name, widget in self.pathWidgets.items():
+            widget.connect("currentPathChanged(QString)", lambda path, name=name: self._setPath(name, path))
+        self.ui.cohortFolderButton.connect("clicked(bool)", self.onChooseCohortFolder)
         self._setResultButtons(False)
         self.initializeParameterNode()
 
@@ -211,13 +248,68 @@ class IPMNTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateEnabled)
             self._updateEnabled()
 
+    def _setPath(self, name: str, path: str) -> None:
+        if self._parameterNode and getattr(self._parameterNode, name) != path:
+            setattr(self._parameterNode, name, path)
+
+    def onChooseCohortFolder(self) -> None:
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Cyst-X-style cohort folder"))
+        if folder and self._parameterNode:
+            self._parameterNode.cohortPath = folder
+
+    def _showPresetValues(self) -> None:
+        """Show the chosen preset's values in the fields (once per preset choice)."""
+        p = self._parameterNode
+        source = presets.presetSource(p.preset.value, p.configPath)
+        shown = json.loads(p.presetShown) if p.presetShown else {}
+        if not source or shown.get("_source") == source or self._applyingPreset:
+            return
+        try:
+            values = presets.panelValues(presets.loadConfig(source))
+        except IPMNError as exc:
+            self._showStatus(str(exc), error=True)
+            return
+        fields = {"epochs": "epochs", "lr": "learningRate", "batchSize": "batchSize", "k": "k",
+                  "outer": "outerFolds", "inner": "innerFolds"}
+        enums = {"modalities": Modalities, "fusion": Fusion}
+        self._applyingPreset = True  # each field change calls _updateEnabled again
+        try:
+            for key, value in values.items():
+                if key in fields:
+                    setattr(p, fields[key], type(getattr(p, fields[key]))(value))
+                elif key in enums:
+                    setattr(p, key, enums[key](value))
+            values = {k: v for k, v in values.items() if k in fields or k in enums}
+            p.presetShown = json.dumps({"_source": source, "_preset": values})
+        finally:
+            self._applyingPreset = False
+
+    def _panelValues(self) -> dict:
+        p = self._parameterNode
+        return {"epochs": int(p.epochs), "lr": float(p.learningRate), "batchSize": int(p.batchSize), "k": int(p.k),
+                "modalities": p.modalities.value, "fusion": p.fusion.value, "outer": int(p.outerFolds),
+                "inner": int(p.innerFolds)}
+
     def _updateEnabled(self, *args) -> None:
         running = self.run is not None
         p = self._parameterNode
         self.ui.startButton.text = _("Stop") if running else _("Start")
         self.ui.startButton.toolTip = (_("Stop the training process (resume later with 'Resume')") if running
                                        else _("Start training in a separate process"))
-        ready = bool(p and _pathOrNone(p.cohortPath) and _pathOrNone(p.outputDir))
+        blockers = []
+        if p:
+            self._showPresetValues()
+            for name, widget in self.pathWidgets.items():
+                if widget.currentPath != getattr(p, name):
+                    widget.currentPath = getattr(p, name)
+            self.ui.configPathLineEdit.enabled = p.preset == Preset.FILE
+            self.ui.pretrainedPathLineEdit.enabled = p.pretrainedSource == PretrainedSource.FILE
+            blockers = presets.startBlockers(p.cohortPath, p.outputDir, p.preset.value, p.configPath,
+                                             presets.pretrainedValue(p.pretrainedSource.value, p.pretrainedFile))
+        ready = bool(p) and not blockers
+        self.ui.startHintLabel.text = "" if running or ready else _("To start: {items}.").format(items="; ".join(blockers))
+        if not running and blockers:
+            self.ui.startButton.toolTip = self.ui.startHintLabel.text
         self.ui.startButton.enabled = running or ready
         isCV = not p or p.runKind == RunKind.CV
         for widget in (self.ui.outerFoldsSpinBox, self.ui.innerFoldsSpinBox):
@@ -226,13 +318,15 @@ class IPMNTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cohortCollapsibleButton.enabled = not running
 
     def _options(self) -> TrainingOptions:
+        """The run's options: the preset, plus only the values the user changed from what it showed."""
         p = self._parameterNode
-        return TrainingOptions(
+        base = TrainingOptions(
             cohort=_pathOrNone(p.cohortPath), output=_pathOrNone(p.outputDir), kind=p.runKind.value,
-            config=_pathOrNone(p.configPath), models=parseModels(p.models), modalities=p.modalities.value,
-            fusion=p.fusion.value, k=int(p.k), epochs=int(p.epochs), lr=float(p.learningRate),
-            batchSize=int(p.batchSize), outer=int(p.outerFolds), inner=int(p.innerFolds), device=p.device.value,
-            resume=bool(p.resume))
+            config=presets.presetPath(presets.presetSource(p.preset.value, p.configPath)),
+            models=parseModels(p.models), device=p.device.value, resume=bool(p.resume),
+            pretrained=presets.pretrainedValue(p.pretrainedSource.value, p.pretrainedFile))
+        shown = json.loads(p.presetShown) if p.presetShown else {}
+        return presets.optionsFromPanel(base, shown.get("_preset", {}), self._panelValues())
 
     # ------------------------------------------------------------------------------------- cohort
     def onCheckCohort(self) -> None:
@@ -270,6 +364,9 @@ class IPMNTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.curves = LearningCurves()
         self.run = self.logic.start(options, self.curves)
         self._parameterNode.curvesChart = self.curves.chartNode()
+        sent = {k: getattr(options, k) for k in presets.PANEL_KEYS if getattr(options, k) is not None}
+        self._appendLog(f"--- preset {presets.presetSource(self._parameterNode.preset.value, self._parameterNode.configPath)}"
+                        f"; changed by you: {sent or 'nothing'}")
         self.startTime = time.monotonic()
         for note in self.run.notes:
             self._appendLog(note)
@@ -314,33 +411,40 @@ class IPMNTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.timer.stop()
             self._updateEnabled()
 
+    def _params(self):
+        """The parameter node, fetched again if the scene was closed while the run went on (module not shown)."""
+        if self._parameterNode is None:
+            self.initializeParameterNode()
+        return self._parameterNode
+
     def _onFinished(self, done) -> None:
+        p = self._params()
         options = self.run.options
         self.lastRun = (Path(done.get("out") or options.output), options.kind)
         self.ui.overallProgressBar.value = 100
         self._showStatus(_("Finished in {t}.").format(t=formatSeconds(time.monotonic() - self.startTime)))
-        if not self._parameterNode.registerName:
-            self._parameterNode.registerName = Path(self.lastRun[0]).name
+        if not p.registerName:
+            p.registerName = Path(self.lastRun[0]).name
         if options.kind == "cv":
             try:
-                table = self.logic.resultsTable(self.lastRun[0], self._parameterNode.resultsTable)
+                table = self.logic.resultsTable(self.lastRun[0], p.resultsTable)
             except IPMNError as exc:
                 self._showStatus(str(exc), error=True)
             else:
-                self._parameterNode.resultsTable = table
+                p.resultsTable = table
                 self.ui.resultsLabel.text = self.logic.resultsText(table).replace("\n", "<br>")
         self._setResultButtons(True)
 
     def _onFailed(self, error) -> None:
         if getattr(error, "cancelled", False):
             self._showStatus(_("Stopped. Tick 'Resume' and click Start to continue from the last checkpoint."))
-            self._parameterNode.resume = True
+            self._params().resume = True
             return
         details = error.details() if isinstance(error, eng.EngineError) else ""
         if details:
             self._appendLog(details)
             self.ui.logCollapsibleButton.collapsed = False
-        self._showStatus(str(error), error=True)
+        self._showStatus(presets.explainFailure(str(error)), error=True)
 
     # ------------------------------------------------------------------------------------- results
     def _setResultButtons(self, enabled: bool) -> None:
@@ -351,7 +455,7 @@ class IPMNTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.showCurvesButton.enabled = self.curves is not None
 
     def onShowCurves(self) -> None:
-        chart = self.curves.chartNode() if self.curves else self._parameterNode.curvesChart
+        chart = self.curves.chartNode() if self.curves else self._params().curvesChart
         if chart is None:
             return
         slicer.modules.plots.logic().ShowChartInLayout(chart)

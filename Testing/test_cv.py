@@ -97,7 +97,7 @@ def _check_no_leak(splits, cases):
 
 @pytest.mark.parametrize("outer, inner", [(2, 2), (3, 2)])
 def test_splits_are_patient_level_stratified_and_reproducible(cases, outer, inner):
-    from ipmn.cv import make_splits
+    from ipmn.splits import make_splits
 
     s = make_splits(cases, outer, inner, seed=11)
     _check_no_leak(s, cases)
@@ -111,7 +111,7 @@ def test_splits_are_patient_level_stratified_and_reproducible(cases, outer, inne
 
 def test_leave_one_center_out_and_group_by_center(tmp_path_factory):
     from ipmn.cohort import load_cohort
-    from ipmn.cv import make_splits
+    from ipmn.splits import make_splits
 
     cases = load_cohort(shared_cohort(tmp_path_factory))  # one case per patient: enough per centre
 
@@ -130,7 +130,7 @@ def test_leave_one_center_out_and_group_by_center(tmp_path_factory):
 
 
 def test_split_errors(cases):
-    from ipmn.cv import make_splits
+    from ipmn.splits import make_splits
 
     with pytest.raises(IPMNError) as err:
         make_splits(cases, outer=6, inner=2)

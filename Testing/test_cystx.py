@@ -248,9 +248,9 @@ def _write_split(path, folds: list[set], per_fold_columns: bool) -> None:
 
 @pytest.mark.parametrize("name,per_fold", [("cystx-2class", False), ("cystx-3class", True)])
 def test_official_folds_are_the_outer_folds(tmp_path, name, per_fold):
-    from ipmn.splits import verify_splits
     from ipmn.cystx import apply_label_task, task_for
     from ipmn.cystx_splits import official_cv_splits
+    from ipmn.splits import verify_splits
 
     data = make_release(tmp_path / "r")
     xlsx = data / "IPMN_Classification" / "IPMN_labels_t1_total.xlsx"
@@ -386,8 +386,8 @@ def test_readers_two_class_and_bad_table(tmp_path, capsys):
 
 
 def test_two_class_own_splits_name_the_classes(release):
-    from ipmn.splits import fold_counts, make_splits
     from ipmn.cystx import apply_label_task
+    from ipmn.splits import fold_counts, make_splits
 
     cases = apply_label_task(load_cohort(release, ("t1",)), "2class")
     splits = make_splits(cases, outer=3, inner=2, seed=0)

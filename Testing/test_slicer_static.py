@@ -255,7 +255,7 @@ def test_extension_cmake_metadata():
         "EXTENSION_SCREENSHOTURLS",
     ):
         assert re.search(rf'set\({key} "[^"]+"\)', text), key
-    assert 'set(EXTENSION_HOMEPAGE "https://github.com/ipmn-slicer/IPMN")' in text
+    assert 'set(EXTENSION_HOMEPAGE "${IPMN_REPOSITORY_URL}")' in text  # a marked placeholder until published
     assert 'set(EXTENSION_DEPENDS "PyTorch")' in text
     assert "find_package(Slicer REQUIRED)" in text and "include(${Slicer_USE_FILE})" in text
     assert "add_subdirectory(IPMNClassifier)" in text and "add_subdirectory(IPMNTrainer)" in text
@@ -410,7 +410,7 @@ def test_logic_command_lines_match_the_engine_parser(tmp_path):
                 models,
                 ["t1"],
                 ["early"],
-                5,
+                None,  # folds not set: the preset's value (cv.outer) is used, not a default of the panel
             )
         else:
             assert (parsed.arch, parsed.modalities, parsed.fusion) == ("vit_tiny", "t1", "early")

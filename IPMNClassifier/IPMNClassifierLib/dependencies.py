@@ -1,7 +1,8 @@
 """The engine's Python packages: checked without importing them, installed only when the user runs something.
 
-* PyTorch comes through the PyTorch extension (SlicerPyTorch), which picks the build that matches the GPU
-  driver (a plain ``pip install torch`` gives the wrong CUDA build, or a CPU build on a GPU machine).
+* PyTorch is installed the way the PyTorch extension (SlicerPyTorch) does it, with light-the-torch, which
+  picks the build that matches the GPU driver (a plain ``pip install torch`` gives the wrong CUDA build, or a
+  CPU build on a GPU machine), but in a child process: torch is never imported into Slicer's own process.
 * The rest (timm, monai, ...) comes from ``Resources/requirements.txt`` (``>=`` minimums) through
   ``slicer.packaging.pip_ensure`` on Slicer >= 5.12, ``slicer.util.pip_install`` before.
 * numpy and SimpleITK are Slicer's own: they are pinned to the installed versions with a constraints
@@ -121,6 +122,54 @@ def checkRequirementsFile(path) -> list:
     return problems
 
 
+def platformProblem(system: str | None = None, machine: str | None = None, numpyVersion: str | None = None):
+    """Why PyTorch cannot work in this Slicer, or None.
+
+    PyTorch 2.2 is the last release for Intel Macs (macOS x86_64) and is built against numpy 1.x; Slicer
+    ships numpy 2.x, which this module never replaces (SlicerTotalSegmentator downgrades numpy instead,
+    which can break Slicer itself and other extensions).
+    """
+    import platform
+
+    system = system if system is not None else platform.system()
+    machine = (machine if machine is not None else platform.machine()).lower()
+    numpyVersion = numpyVersion if numpyVersion is not None else (_installedVersion("numpy") or "0")
+    major = int(re.match(r"\d+", numpyVersion).group(0)) if re.match(r"\d+", numpyVersion) else 0
+    if system == "Darwin" and machine in ("x86_64", "amd64", "i386") and major >= 2:
+        return (f"PyTorch no longer supports Intel Macs: its last build for them (2.2) needs numpy 1.x, and this "
+                f"Slicer uses numpy {numpyVersion}, which the module does not replace (that could break Slicer). "
+                "Use Slicer for Apple silicon (arm64), Windows or Linux, or run the command-line engine "
+                "(ipmn predict) in a separate Python environment with numpy<2.")
+    return None
+
+
+def torchInstallArgs() -> list:
+    """Arguments of ``python -m light_the_torch`` as the PyTorch extension uses them (torch matching the driver)."""
+    return ["install", f"torch{TORCH_REQUIREMENT}", f"torchvision{TORCHVISION_REQUIREMENT}"]
+
+
+def installTorch(python: str, pipInstall, run=None) -> None:
+    """Install PyTorch with light-the-torch in a child process, as the PyTorch extension does, but without
+    importing torch into Slicer's own process (``PyTorchUtilsLogic.installTorch`` imports it and raises
+    CalledProcessError on failure). Raises IPMNError with the installer's last lines on failure."""
+    import subprocess
+
+    run = run or subprocess.run
+    try:
+        if _installedVersion("light-the-torch") is None:
+            pipInstall("light-the-torch>=0.5")
+        proc = run([python, "-m", "light_the_torch", *torchInstallArgs()], stdout=subprocess.PIPE,
+                   stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace")
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise IPMNError(f"installing PyTorch failed: {exc}. Check the network or proxy settings, or install it "
+                        "with the PyTorch Utils module.") from exc
+    importlib.invalidate_caches()  # the new packages are found by the checks that follow
+    if proc.returncode != 0:
+        tail = " | ".join(line.strip() for line in (proc.stdout or "").splitlines()[-3:] if line.strip())
+        raise IPMNError(f"installing PyTorch failed (exit code {proc.returncode}){': ' + tail if tail else ''}. "
+                        "Check the network or proxy settings, or install it with the PyTorch Utils module.")
+
+
 def ensureDependencies(requirementsPath, requester: str = "IPMN") -> None:
     """Install what is missing, after one confirmation. Raises IPMNError when the user declines or it fails."""
     import slicer
@@ -130,7 +179,10 @@ def ensureDependencies(requirementsPath, requester: str = "IPMN") -> None:
     needTorch = torchMissing()
     if not missing and not needTorch:
         return
-    wanted = ([f"torch{TORCH_REQUIREMENT} and torchvision (through the PyTorch extension, matching your GPU driver)"]
+    problem = platformProblem() if needTorch else None
+    if problem:
+        raise IPMNError(problem)
+    wanted = ([f"torch{TORCH_REQUIREMENT} and torchvision (with light-the-torch, as the PyTorch extension does: the build matching your GPU driver)"]
               if needTorch else []) + missing
     if slicer.app.testingEnabled():
         raise IPMNError("missing Python packages (not installed in testing mode): " + ", ".join(wanted))
@@ -142,14 +194,10 @@ def ensureDependencies(requirementsPath, requester: str = "IPMN") -> None:
 
     importedBefore = set(sys.modules)
     if needTorch:
-        try:
-            import PyTorchUtils
-        except ImportError as exc:
-            raise IPMNError("this module needs the PyTorch extension: install 'PyTorch' from the Extensions "
-                            "Manager, restart Slicer and try again") from exc
-        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-        torch = torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT)
-        if torch is None:
+        from IPMNClassifierLib.engine import python_slicer_executable
+
+        installTorch(python_slicer_executable(), slicer.util.pip_install)
+        if torchMissing():
             raise IPMNError("PyTorch was not installed: use the PyTorch Utils module to install it, then try again")
     if missing:
         constraints = writeProtectionConstraints(extra=("torch", "torchvision"))

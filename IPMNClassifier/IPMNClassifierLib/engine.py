@@ -38,6 +38,9 @@ _WINDOWS_STATUS = {
     0xC000001D: "an illegal CPU instruction (this PyTorch build does not support this processor)",
     0xC0000017: "running out of memory",
 }
+# CTK's launcher (PythonSlicer, Slicer) in front of python-real: when its child is killed (e.g. by the
+# out-of-memory killer) or crashes, it prints this line and exits 1 -- the signal never reaches us.
+LAUNCHER_ABNORMAL_EXIT = "exit abnormally - report the problem"
 _OOM_MARKERS = ("out of memory", "memoryerror", "cannot allocate memory", "std::bad_alloc",
                 "defaultcpuallocator: not enough memory", "cuda error: out of memory")
 
@@ -85,6 +88,11 @@ def looks_out_of_memory(lines) -> bool:
     return any(marker in line.lower() for line in lines for marker in _OOM_MARKERS)
 
 
+def launcher_abnormal_exit(lines) -> bool:
+    """True when the CTK launcher reported that its ``python-real`` child was killed or crashed."""
+    return any(LAUNCHER_ABNORMAL_EXIT in line.lower() for line in lines)
+
+
 OOM_ADVICE = ("It ran out of memory: choose the CPU device (GPU memory is usually smaller), use the central "
               "window instead of all windows, switch off test-time augmentation and the fold ensemble, or close "
               "other programs.")
@@ -125,6 +133,9 @@ def describe_exit(code: int | None, lines=()) -> str:
         return "the Python executable or the engine could not be found (exit code 127)"
     if oom:
         return f"the engine failed (exit code {code}). " + OOM_ADVICE
+    if launcher_abnormal_exit(lines):
+        return ("the engine process was killed or crashed (no Python traceback), most often because the "
+                "computer ran out of memory. " + OOM_ADVICE)
     last = next((ln.strip() for ln in reversed(lines) if ln.strip()), "")
     if code == 1:
         return "the engine stopped with a Python error" + (f": {last}" if last else "") + " (exit code 1)"
@@ -346,7 +357,8 @@ class EngineRun:
             return EngineError("cancelled", exit_code=self.returncode, log_tail=self.log_tail, cancelled=True)
         lines = list(self.log_tail)
         return EngineError(describe_exit(self.returncode, lines), exit_code=self.returncode, log_tail=lines,
-                           out_of_memory=looks_out_of_memory(lines) or self.returncode in (-9, 137))
+                           out_of_memory=(looks_out_of_memory(lines) or self.returncode in (-9, 137)
+                                          or launcher_abnormal_exit(lines)))
 
     def wait(self, on_event=None, on_log=None, timeout: float | None = None) -> int:
         """Block until the process ends, forwarding events and log lines; returns the exit code."""
@@ -471,8 +483,12 @@ class EngineWorker:
         """Stop the current request by killing the worker (a fresh one starts for the next case)."""
         self.run.cancel()
 
-    def stop(self, timeout: float = 3.0) -> None:
-        """Ask the worker to quit; kill it if it does not within ``timeout`` seconds."""
+    def stop(self, timeout: float = 3.0, block: bool = False) -> None:
+        """Ask the worker to quit; kill it if it does not within ``timeout`` seconds.
+
+        Returns at once unless ``block``: the wait (and a kill, which may wait for the process tree) runs
+        in a background thread, so that closing a scene never freezes the GUI.
+        """
         if not self.alive:
             return
         try:
@@ -480,7 +496,14 @@ class EngineWorker:
             self.run.close_stdin()
         except EngineError:
             pass
-        try:
-            self.run.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.run.cancel()
+
+        def finish():
+            try:
+                self.run.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.run.cancel()
+
+        if block:
+            finish()
+        else:
+            threading.Thread(target=finish, name=f"ipmn-stop-{self.run.pid}", daemon=True).start()

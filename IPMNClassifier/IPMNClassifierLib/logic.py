@@ -210,6 +210,57 @@ def readPrediction(path) -> dict:
     return prediction
 
 
+def _windowsShortPath(path: str) -> str | None:
+    """The 8.3 short form of an existing Windows path (ASCII where short names are enabled), or None."""
+    try:
+        import ctypes
+
+        buffer = ctypes.create_unicode_buffer(1024)
+        length = ctypes.windll.kernel32.GetShortPathNameW(str(path), buffer, len(buffer))
+    except (AttributeError, OSError):
+        return None
+    return buffer.value if 0 < length < len(buffer) else None
+
+
+def asciiTempPath(base: str, windows: bool, shortPath=_windowsShortPath) -> str:
+    """The temporary folder for patient images: the user's own, never a machine-wide folder.
+
+    On Windows a non-ASCII user name in the temporary path can trip native libraries; the same folder's
+    8.3 short name is used when it is ASCII. Otherwise the folder is kept as it is (set IPMN_TMPDIR to
+    choose another): patient images must not go to a folder that other users of the machine can read.
+    """
+    if not windows or base.isascii():
+        return base
+    short = shortPath(base)
+    return short if short and short.isascii() else base
+
+
+RESULTS_KEEP = 20  # result folders (prediction.json + grid.png copies) kept under the results root
+RESULTS_MAX_AGE_S = 7 * 24 * 3600
+
+
+def pruneResultFolders(root, keep=None, maxCount: int = RESULTS_KEEP, maxAgeS: float = RESULTS_MAX_AGE_S) -> list:
+    """Remove old result copies: all but the ``maxCount`` newest, and any older than ``maxAgeS``.
+
+    Only folders holding nothing but ``prediction.json`` / ``grid.png`` are touched (never ``keep``).
+    Returns the removed folders.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    folders = []
+    for child in root.iterdir():
+        names = {p.name for p in child.iterdir()} if child.is_dir() else None
+        if names is not None and names <= {"prediction.json", "grid.png"} and child != keep:
+            folders.append((child.stat().st_mtime, child))
+    folders.sort(reverse=True)
+    now = time.time()
+    removed = [f for i, (mtime, f) in enumerate(folders) if i >= maxCount - 1 or now - mtime > maxAgeS]
+    for folder in removed:
+        shutil.rmtree(folder, ignore_errors=True)
+    return removed
+
+
 # ------------------------------------------------------------------------------------------- sample data
 SAMPLE_FILES = (
     ("sample_t1.nii.gz", "IPMN phantom T1", "VolumeFile"),
@@ -362,15 +413,7 @@ class ClassifierLogic:
         if app is not None:
             base = getattr(app, "temporaryPath", None)
         base = Path(base) if base else Path(tempfile.gettempdir())
-        if os.name == "nt" and not str(base).isascii():
-            # Native libraries on Windows may mishandle non-ASCII user names in temporary paths.
-            fallback = Path(os.environ.get("ProgramData", r"C:\ProgramData")) / "IPMN" / "tmp"
-            try:
-                fallback.mkdir(parents=True, exist_ok=True)
-                return fallback
-            except OSError:
-                pass
-        return base
+        return Path(asciiTempPath(str(base), windows=os.name == "nt"))
 
     def _defaultResultsRoot(self) -> Path:
         return self.resultsRoot or (self._defaultWorkRoot() / "IPMN-results")
@@ -463,9 +506,10 @@ class ClassifierLogic:
             self.worker = eng.EngineWorker(self.launcher, device=task.options.device, key=key)
         return self.worker
 
-    def stopWorker(self) -> None:
+    def stopWorker(self, block: bool = False) -> None:
+        """Stop the worker; returns at once unless ``block`` (application exit: make sure it is gone)."""
         if self.worker is not None:
-            self.worker.stop()
+            self.worker.stop(block=block)
             self.worker = None
 
     def startAsync(self, task: PredictTask, keepEngineLoaded: bool = True) -> AsyncPrediction:
@@ -646,6 +690,7 @@ class ClassifierLogic:
             src = task.outDir / name
             if src.is_file():
                 shutil.copy2(src, dest / name)
+        pruneResultFolders(dest.parent, keep=dest)
         return dest
 
     def loadResults(self, task: PredictTask) -> PredictResult:
@@ -704,6 +749,7 @@ class ClassifierLogic:
         local = _transformPoints([center], None, transformNode)[0]
         roi = roiNode or self.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", self.scene.GenerateUniqueName(name))
         roi.SetAndObserveTransformNodeID(transformNode.GetID() if transformNode is not None else None)
+        roi.SetAndObserveObjectToNodeMatrix(vtk.vtkMatrix4x4())  # a reused ROI loses its rotation, like a new one
         roi.SetCenter(*[float(v) for v in local])
         roi.SetSize(*size)
         roi.CreateDefaultDisplayNodes()
@@ -736,10 +782,26 @@ class ClassifierLogic:
         image.GetImageToWorldMatrix(matrix)
         m = np.array([[matrix.GetElement(i, j) for j in range(4)] for i in range(4)])
         corners = np.array([[x, y, z, 1.0] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+        # GetSegmentBinaryLabelmapRepresentation applies the segmentation's parent transform already
+        # (applyParentTransform=True): the image-to-world matrix gives world RAS, nothing more to apply.
         points = (m @ corners.T).T[:, :3]
-        points = _transformPoints(points, segmentationNode.GetParentTransformNode(), None)
         return np.array([points[:, 0].min(), points[:, 0].max(), points[:, 1].min(), points[:, 1].max(),
                          points[:, 2].min(), points[:, 2].max()])
+
+    @staticmethod
+    def pancreasSegmentID(segmentationNode) -> str:
+        """The segment to offer for 'ROI from segmentation': one named pancreas (TotalSegmentator's name),
+        else the first segment ('' when there is none)."""
+        if segmentationNode is None:
+            return ""
+        segmentation = segmentationNode.GetSegmentation()
+        ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+        names = {i: (segmentation.GetSegment(i).GetName() or "").strip().lower() for i in ids}
+        for wanted in (lambda n: n == "pancreas", lambda n: "pancreas" in n and "duct" not in n):
+            match = next((i for i in ids if wanted(names[i])), None)
+            if match:
+                return match
+        return ids[0] if ids else ""
 
     def roiFromSegment(self, segmentationNode, segmentID: str, marginMm: float = 10.0, roiNode=None,
                        referenceVolume=None, name: str = "IPMN ROI"):

@@ -21,6 +21,7 @@ import vtk
 from ipmn import registry
 from ipmn.errors import IPMNError
 from IPMNClassifierLib import engine as eng
+from IPMNTrainerLib.presets import configOverrides, effectiveOptions, pretrainedProblems, setPretrained
 
 ATTR_ROLE = "IPMN.Role"
 ROLE_CURVE_TABLE = "learning_curve"
@@ -48,20 +49,23 @@ class TrainingOptions:
     kind: str = "cv"  # cv | train
     config: Path | None = None  # base YAML (a preset by default)
     models: list = field(default_factory=lambda: ["vit_base"])
-    modalities: str = "t1t2"  # t1t2 | t1 | t2
-    fusion: str = "early"  # early | late
-    k: int = 9
-    epochs: int = 50
-    lr: float = 3e-4
-    batchSize: int = 8
-    outer: int = 5
-    inner: int = 3
+    # None below: the base config's (preset's) value is used; only values given here override it.
+    modalities: str | None = "t1t2"  # t1t2 | t1 | t2
+    fusion: str | None = "early"  # early | late
+    k: int | None = 9
+    epochs: int | None = None
+    lr: float | None = None
+    batchSize: int | None = None
+    outer: int | None = None
+    inner: int | None = None
     device: str = "auto"  # auto | cpu | cuda
     resume: bool = False
+    pretrained: str | None = None  # "hub", a local weights file, "none" (random init); None: the preset's
 
     @property
     def totalFolds(self) -> int:
-        return max(1, int(self.outer) * max(1, len(self.models))) if self.kind == "cv" else 1
+        outer = int(self.outer) if self.outer is not None else 5
+        return max(1, outer * max(1, len(self.models))) if self.kind == "cv" else 1
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -324,6 +328,15 @@ def metricRows(metrics: dict):
 
 
 # ------------------------------------------------------------------------------------------- logic
+def _flags(items) -> list:
+    """["--flag", text] for every value that is set (None: the config's value stays)."""
+    out = []
+    for flag, value, convert in items:
+        if value is not None:
+            out += [flag, str(convert(value))]
+    return out
+
+
 class TrainerLogic:
     def __init__(self, launcher: eng.EngineLauncher | None = None, moduleDir=None, classifierDir=None):
         self.moduleDir = Path(moduleDir) if moduleDir else Path(__file__).resolve().parent.parent
@@ -390,9 +403,8 @@ class TrainerLogic:
             raise IPMNError(f"cannot read the config {base}: {exc}") from exc
         if not isinstance(config, dict):
             raise IPMNError(f"the config {base} must hold a mapping of options")
-        notes = applyOverrides(config, {"epochs": int(options.epochs), "lr": float(options.lr),
-                                        "batch_size": int(options.batchSize), "k": int(options.k),
-                                        "modalities": MODALITIES[options.modalities], "fusion": options.fusion})
+        notes = applyOverrides(config, configOverrides(options))
+        setPretrained(config, options.pretrained)
         path = Path(folder) / "ipmn-trainer-config.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         return path, notes
@@ -405,20 +417,21 @@ class TrainerLogic:
         Epochs, learning rate and batch size go as command-line overrides; k (no flag) through the config.
         """
         models = parseModels(options.models)
-        common = ["--config", str(configPath), "--out", str(options.output), "--device", options.device,
-                  "--epochs", str(int(options.epochs)), "--lr", repr(float(options.lr)),
-                  "--batch-size", str(int(options.batchSize))]
+        common = ["--config", str(configPath), "--out", str(options.output), "--device", options.device]
+        common += _flags((("--epochs", options.epochs, int), ("--lr", options.lr, lambda v: repr(float(v))),
+                          ("--batch-size", options.batchSize, int)))
+        series = _flags((("--modalities", options.modalities, str), ("--fusion", options.fusion, str)))
         if options.kind == "cv":
             args = ["cv", "--cohort", str(options.cohort), *common,
-                    "--outer", str(int(options.outer)), "--inner", str(int(options.inner))]
+                    *_flags((("--outer", options.outer, int), ("--inner", options.inner, int)))]
             if models:
                 args += ["--models", *models]
-            args += ["--modalities", options.modalities, "--fusion", options.fusion]
+            args += series
         elif options.kind == "train":
             args = ["train", "--cohort", str(options.cohort), *common]
             if models:
                 args += ["--arch", models[0]]
-            args += ["--modalities", options.modalities, "--fusion", options.fusion]
+            args += series
         else:
             raise IPMNError(f"unknown run kind {options.kind!r} (cv or train)")
         if options.resume:
@@ -434,10 +447,11 @@ class TrainerLogic:
         if options.kind == "train" and len(parseModels(options.models)) > 1:
             problems.append("Train one model: name one architecture (several are for cross-validation).")
         if options.kind == "cv":
-            if int(options.outer) < 2 or int(options.inner) < 2:
+            if any(v is not None and int(v) < 2 for v in (options.outer, options.inner)):
                 problems.append("Use at least 2 outer and 2 inner folds.")
-        if int(options.k) < 1 or int(math.isqrt(int(options.k))) ** 2 != int(options.k):
+        if options.k is not None and (int(options.k) < 1 or int(math.isqrt(int(options.k))) ** 2 != int(options.k)):
             problems.append(f"k must be a perfect square (4, 9, 16 ...), not {options.k}.")
+        problems += pretrainedProblems(options.pretrained)
         return problems
 
     def start(self, options: TrainingOptions, curves: LearningCurves | None = None) -> TrainingRun:
@@ -452,7 +466,7 @@ class TrainerLogic:
         run = eng.EngineRun(proc, description=f"ipmn {options.kind}")
         if curves is not None and not options.resume:
             curves.reset()
-        return TrainingRun(options, run, configDir, notes, curves)
+        return TrainingRun(effectiveOptions(options, configPath), run, configDir, notes, curves)
 
     # --------------------------------------------------------------------------------- results
     def resultsTable(self, runDir, tableNode=None):
