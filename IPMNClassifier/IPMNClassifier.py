@@ -6,7 +6,6 @@ binds the panel to :mod:`IPMNClassifierLib.logic`. Requires Slicer 5.10 or later
 """
 
 import enum
-import logging
 import time
 import unittest
 from pathlib import Path
@@ -28,9 +27,10 @@ from slicer.util import VTKObservationMixin
 
 from ipmn import registry
 from ipmn.errors import IPMNError
-from IPMNClassifierLib import dependencies, sampledata
+from ipmn.vocab import CLASS_TITLES
+from IPMNClassifierLib import dependencies, panel, sampledata
 from IPMNClassifierLib import engine as eng
-from IPMNClassifierLib.logic import CLASS_TITLES, ClassifierLogic, PredictOptions
+from IPMNClassifierLib.logic import ClassifierLogic, PredictOptions
 from IPMNClassifierLib.slicecompose import resultLayers
 
 MINIMUM_SLICER_VERSION = (5, 10)
@@ -191,10 +191,7 @@ class IPMNClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def exit(self) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+        panel.unbindParameterNode(self, self._checkCanApply)
 
     def onSceneStartClose(self, caller, event) -> None:
         if self.pending is not None:
@@ -216,14 +213,7 @@ class IPMNClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._selectModelInCombo(self._parameterNode.modelId)
 
     def setParameterNode(self, inputParameterNode) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
-            self._checkCanApply()
+        panel.bindParameterNode(self, inputParameterNode, self._checkCanApply)
 
     def _checkCanApply(self, caller=None, event=None) -> None:
         if self.pending is not None:
@@ -516,12 +506,10 @@ class IPMNClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------------------------- panel text
     def _showStatus(self, text: str, error: bool = False) -> None:
-        text = str(text)
-        self.ui.statusLabel.text = f"<span style='color:#c62828'>{text}</span>" if error else text
-        (logging.warning if error else logging.info)(f"IPMNClassifier: {text}")
+        panel.showStatus(self.ui, "IPMNClassifier", text, error)
 
     def _appendLog(self, text: str) -> None:
-        self.ui.logTextEdit.appendPlainText(str(text))
+        panel.appendLog(self.ui, text)
 
 
 #

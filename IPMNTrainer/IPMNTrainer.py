@@ -6,14 +6,12 @@ Runs ``ipmn cv`` / ``ipmn train`` (the same code as the command line) in a separ
 
 import enum
 import json
-import logging
 import time
 from pathlib import Path
 from typing import Annotated
 
 import qt
 import slicer
-import vtk
 from slicer import vtkMRMLPlotChartNode, vtkMRMLTableNode
 from slicer.i18n import tr as _
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
@@ -27,7 +25,7 @@ from slicer.util import VTKObservationMixin
 
 import IPMNClassifierLib
 from ipmn.errors import IPMNError
-from IPMNClassifierLib import dependencies
+from IPMNClassifierLib import dependencies, panel
 from IPMNClassifierLib import engine as eng
 from IPMNTrainerLib import presets
 from IPMNTrainerLib.logic import LearningCurves, TrainerLogic, TrainingOptions, formatSeconds, parseModels
@@ -222,10 +220,7 @@ class IPMNTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def exit(self) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateEnabled)
+        panel.unbindParameterNode(self, self._updateEnabled)
 
     def onSceneStartClose(self, caller, event) -> None:
         self.setParameterNode(None)
@@ -239,14 +234,7 @@ class IPMNTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(self.logic.getParameterNode())
 
     def setParameterNode(self, inputParameterNode) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateEnabled)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateEnabled)
-            self._updateEnabled()
+        panel.bindParameterNode(self, inputParameterNode, self._updateEnabled)
 
     def _setPath(self, name: str, path: str) -> None:
         if self._parameterNode and getattr(self._parameterNode, name) != path:
@@ -491,12 +479,10 @@ class IPMNTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------------------------- panel text
     def _showStatus(self, text: str, error: bool = False) -> None:
-        text = str(text)
-        self.ui.statusLabel.text = f"<span style='color:#c62828'>{text}</span>" if error else text
-        (logging.warning if error else logging.info)(f"IPMNTrainer: {text}")
+        panel.showStatus(self.ui, "IPMNTrainer", text, error)
 
     def _appendLog(self, text: str) -> None:
-        self.ui.logTextEdit.appendPlainText(str(text))
+        panel.appendLog(self.ui, text)
 
 
 #

@@ -107,8 +107,10 @@ def test_a_killed_engine_behind_the_launcher_gives_the_memory_advice(tmp_path):
     script.write_text(f"print('predicting', flush=True)\nprint({LAUNCHER_LINE!r}, flush=True)\nraise SystemExit(1)\n")
     launcher = eng.EngineLauncher(python=sys.executable, module_dir=tmp_path, command_prefix=[sys.executable, str(script)])
     run = eng.EngineRun(launcher.start(launcher.command("predict")))
-    assert run.wait(timeout=30) == 1
-    error = run.error()
+    with pytest.raises(eng.EngineError) as info:
+        eng.EngineJob(run).wait(timeout=30)
+    error = info.value
+    assert run.returncode == 1 and error.exit_code == 1
     assert error.out_of_memory and eng.OOM_ADVICE in str(error)
 
 

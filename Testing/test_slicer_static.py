@@ -290,7 +290,22 @@ def test_gui_process_never_imports_heavy_packages():
             for n in names:
                 assert n.split(".")[0] not in HEAVY, f"{path.name} imports {n} in the GUI process"
                 if n.startswith("ipmn."):
-                    assert n in ("ipmn.errors", "ipmn.registry", "ipmn.cohort"), f"{path.name} imports {n}"
+                    assert n in GUI_ENGINE_MODULES, f"{path.name} imports {n}"
+
+
+GUI_ENGINE_MODULES = ("ipmn.errors", "ipmn.registry", "ipmn.cohort", "ipmn.vocab")
+
+
+def test_engine_modules_the_gui_imports_stay_light():
+    """What the GUI may import from the engine imports no numpy, torch, SimpleITK ... (checked in a fresh process)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import " + ", ".join(GUI_ENGINE_MODULES) + "; "
+            "print(sorted(m for m in ('numpy', 'torch', 'SimpleITK', 'timm', 'monai', 'sklearn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=CLASSIFIER_DIR).stdout.strip()
+    assert out == "[]", out
 
 
 def test_requirements_file():

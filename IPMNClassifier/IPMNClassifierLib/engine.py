@@ -325,9 +325,6 @@ class EngineRun:
         except queue.Empty:
             return None
 
-    def is_running(self) -> bool:
-        return not self.exited
-
     def write(self, obj) -> None:
         if self.proc.stdin is None:
             raise EngineError("this engine process takes no requests")
@@ -360,55 +357,122 @@ class EngineRun:
                            out_of_memory=(looks_out_of_memory(lines) or self.returncode in (-9, 137)
                                           or launcher_abnormal_exit(lines)))
 
-    def wait(self, on_event=None, on_log=None, timeout: float | None = None) -> int:
-        """Block until the process ends, forwarding events and log lines; returns the exit code."""
+
+class EngineJob:
+    """The one translator of engine events: what a one-shot run, or one request to the worker, is doing.
+
+    :meth:`feed` takes the raw ``(kind, payload)`` items of an :class:`EngineRun` and returns
+    ``("event", dict)`` for progress events (``stage``, ``epoch``, ``fold_done``, ``warning``, ``ready`` ...),
+    ``("log", line)`` for other output, and finally once ``("finished", done event)`` or
+    ``("failed", EngineError)``. A one-shot run ends when its process exits (a ``done`` event and exit code
+    0, or an ``error`` event / a non-zero exit); a worker request (``request=True``) ends at its ``done`` or
+    ``error`` event, or when the worker process dies.
+    """
+
+    def __init__(self, run: EngineRun, request: bool = False, default_done: dict | None = None):
+        self.run = run
+        self.request = request
+        self.default_done = default_done or {"event": "done"}
+        self.finished = False
+        self.done_event = None
+        self.error_event = None
+
+    def _end(self, out: list, kind: str, payload) -> list:
+        self.finished = True
+        out.append((kind, payload))
+        return out
+
+    def _reported_error(self, exit_code=None) -> EngineError:
+        message = str(self.error_event.get("message") or "the engine reported an error")
+        return EngineError(message, exit_code=exit_code, log_tail=self.run.log_tail,
+                           out_of_memory=looks_out_of_memory([message]))
+
+    def feed(self, kind: str, payload) -> list:
+        out: list = []
+        if self.finished:
+            return out
+        if kind == "event":
+            name = payload.get("event")
+            if name == "done":
+                self.done_event = payload
+                return self._end(out, "finished", payload) if self.request else out
+            if name == "error":
+                self.error_event = payload
+                return self._end(out, "failed", self._reported_error()) if self.request else out
+            out.append(("event", payload))
+        elif kind == "log":
+            out.append(("log", payload))
+        elif kind == "exit":
+            if self.error_event is not None and not self.run.cancelled:
+                return self._end(out, "failed", self._reported_error(payload))
+            if payload == 0 and not self.run.cancelled and not self.request:
+                return self._end(out, "finished", self.done_event or self.default_done)
+            return self._end(out, "failed", self.run.error())
+        return out
+
+    def wait(self, on_item=None, timeout: float | None = None) -> dict:
+        """Block until the job ends, handing every item to ``on_item``; returns the done event or raises."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            item = self.next(timeout=0.5 if remaining is None else min(0.5, remaining))
+            item = self.run.next(timeout=0.5 if remaining is None else min(0.5, remaining))
             if item is None:
                 if deadline is not None and time.monotonic() >= deadline:
-                    self.cancel()
-                    raise EngineError(f"the {self.description} did not finish within {timeout:.0f} s",
-                                      log_tail=self.log_tail)
+                    self.run.cancel()
+                    raise EngineError(f"the {self.run.description} did not finish within {timeout:.0f} s",
+                                      log_tail=self.run.log_tail)
                 continue
-            kind, payload = item
-            if kind == "event" and on_event:
-                on_event(payload)
-            elif kind == "log" and on_log:
-                on_log(payload)
-            elif kind == "exit":
-                self._thread.join(timeout=5)
-                return payload
+            for kind, payload in self.feed(*item):
+                if on_item:
+                    on_item((kind, payload))
+                if kind == "finished":
+                    return payload
+                if kind == "failed":
+                    raise payload
+
+
+def wait_items(poll, cancel, on_item=None, timeout: float | None = None, interval: float = 0.05):
+    """Poll a job (``poll()`` → items) until it ends; returns the ``finished`` payload or raises the
+    ``failed`` one. Past ``timeout`` the job is cancelled (it then fails). For tests and scripts: the
+    panels poll from a Qt timer instead."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        for item in poll():
+            if on_item:
+                on_item(item)
+            if item[0] == "finished":
+                return item[1]
+            if item[0] == "failed":
+                raise item[1]
+        if deadline is not None and time.monotonic() > deadline:
+            cancel()
+            deadline = None
+        time.sleep(interval)
 
 
 def run_blocking(launcher: EngineLauncher, args, device="auto", on_event=None, on_log=None,
                  timeout: float | None = None) -> dict:
     """Run one engine command to the end. Returns its final ``done`` event; raises EngineError otherwise."""
     run = EngineRun(launcher.start(launcher.command(*args), device=device), description=f"ipmn {args[0]}")
-    result = {}
 
-    def handle(event):
-        if event.get("event") in ("done", "error"):
-            result.update(event)
-        if on_event:
-            on_event(event)
+    def forward(item):
+        kind, payload = item
+        if kind == "event" and on_event:
+            on_event(payload)
+        elif kind == "log" and on_log:
+            on_log(payload)
 
-    code = run.wait(on_event=handle, on_log=on_log, timeout=timeout)
-    if code != 0:
-        raise run.error()
-    if result.get("event") == "error":
-        raise EngineError(str(result.get("message") or "the engine reported an error"), exit_code=code,
-                          log_tail=run.log_tail)
-    return result
+    done = EngineJob(run).wait(on_item=forward, timeout=timeout)
+    run._thread.join(timeout=5)
+    return done
 
 
 class EngineWorker:
     """``ipmn worker``: one long-lived process answering predict requests, one at a time.
 
-    The owner polls it (``poll()``) from a timer; each item is ``(kind, payload)`` as for :class:`EngineRun`,
-    plus ``("done", event)`` / ``("failed", EngineError)`` when the current request ends (a crash of the
-    worker fails the current request and ends the worker).
+    The owner polls it (``poll()``) from a timer: while a request runs its items are those of
+    :class:`EngineJob` (``event``, ``log``, then ``finished`` or ``failed``; a crash of the worker fails the
+    current request and ends the worker), otherwise the raw ``(kind, payload)`` items of :class:`EngineRun`.
     """
 
     def __init__(self, launcher: EngineLauncher, device: str = "auto", key=None):
@@ -420,6 +484,7 @@ class EngineWorker:
         self.ready = False
         self.busy = False
         self.request = None
+        self.job: EngineJob | None = None
 
     @property
     def alive(self) -> bool:
@@ -430,54 +495,23 @@ class EngineWorker:
             raise EngineError("the engine is still busy with the previous case")
         self.request = dict(request)
         self.busy = True
+        self.job = EngineJob(self.run, request=True)
         self.run.write({"cmd": "predict", **request})
 
     def poll(self) -> list:
+        """Raw items of the worker; while a request runs, translated by its :class:`EngineJob`."""
         out = []
         for kind, payload in self.run.poll():
-            if kind == "event":
-                name = payload.get("event")
-                if name == "ready":
-                    self.ready = True
-                elif name == "done" and self.busy:
+            if kind == "event" and payload.get("event") == "ready":
+                self.ready = True
+            if self.job is not None and not self.job.finished:
+                out += self.job.feed(kind, payload)
+                if self.job.finished:
                     self.busy = False
-                    out.append(("done", payload))
+                if kind != "exit":
                     continue
-                elif name == "error" and self.busy:
-                    self.busy = False
-                    out.append(("failed", EngineError(str(payload.get("message") or "the engine reported an error"),
-                                                      log_tail=self.run.log_tail,
-                                                      out_of_memory=looks_out_of_memory(
-                                                          [str(payload.get("message", ""))]))))
-                    continue
-            if kind == "exit":
-                if self.busy:
-                    self.busy = False
-                    out.append(("failed", self.run.error()))
-                out.append((kind, payload))
-                continue
             out.append((kind, payload))
         return out
-
-    def wait_request(self, on_event=None, on_log=None, timeout: float | None = None) -> dict:
-        """Block until the current request ends (used by tests and batch code)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            for kind, payload in self.poll():
-                if kind == "done":
-                    return payload
-                if kind == "failed":
-                    raise payload
-                if kind == "event" and on_event:
-                    on_event(payload)
-                elif kind == "log" and on_log:
-                    on_log(payload)
-            if not self.busy and not self.alive:
-                raise self.run.error()
-            if deadline is not None and time.monotonic() > deadline:
-                self.cancel()
-                raise EngineError(f"the engine did not answer within {timeout:.0f} s", log_tail=self.run.log_tail)
-            time.sleep(0.05)
 
     def cancel(self) -> None:
         """Stop the current request by killing the worker (a fresh one starts for the next case)."""

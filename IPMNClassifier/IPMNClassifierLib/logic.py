@@ -24,6 +24,15 @@ import vtk
 
 from ipmn import registry
 from ipmn.errors import IPMNError
+from ipmn.vocab import (
+    ATTENTION_FILE,
+    ATTENTION_LABELS_FILE,
+    CLASS_TITLES,
+    CONFIG_FILE,
+    GRID_PNG_FILE,
+    PREDICTION_FILE,
+    PREDICTION_SCHEMA,
+)
 from IPMNClassifierLib import engine as eng
 
 CLASS_NAMES = ("normal", "low", "high")
@@ -33,7 +42,6 @@ ROLE_TABLE = "result_table"
 ROLE_HEATMAP = "attention"
 ROLE_LABELS = "attention_labels"
 ROLE_LEVELS_COLORS = "attention_levels_colors"
-PREDICTION_SCHEMA = "ipmn.prediction/1"
 DEFAULT_K = 9
 DEFAULT_ROI_SIZE_MM = (100.0, 70.0, 60.0)  # R-L, A-P, S-I: a pancreas with some margin, >= 9 slices of 6 mm
 HEATMAP_COLOR_IDS = (
@@ -45,7 +53,6 @@ HEATMAP_THRESHOLD = 1e-3  # voxels below this are transparent in the foreground 
 LEVEL_COLORS = {1: (1.0, 0.9, 0.25), 2: (1.0, 0.55, 0.0), 3: (0.85, 0.0, 0.0)}
 DEFAULT_LEVEL_NAMES = {1: "top 20%", 2: "top 10%", 3: "top 5%"}
 GEOMETRY_TOLERANCE_MM = 1e-3
-CLASS_TITLES = {"normal": "Normal", "low": "Low risk", "high": "High risk"}
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -251,7 +258,7 @@ def pruneResultFolders(root, keep=None, maxCount: int = RESULTS_KEEP, maxAgeS: f
     folders = []
     for child in root.iterdir():
         names = {p.name for p in child.iterdir()} if child.is_dir() else None
-        if names is not None and names <= {"prediction.json", "grid.png"} and child != keep:
+        if names is not None and names <= {PREDICTION_FILE, GRID_PNG_FILE} and child != keep:
             folders.append((child.stat().st_mtime, child))
     folders.sort(reverse=True)
     now = time.time()
@@ -348,9 +355,8 @@ class ClassifierLogic:
     def modelK(modelDir) -> int:
         """k (slices per window) from a package's config.json (default 9)."""
         try:
-            with open(Path(modelDir) / registry.CONFIG_FILE, encoding="utf-8") as fh:
-                config = json.load(fh)
-        except (OSError, ValueError):
+            config = registry.read_config_json(Path(modelDir) / CONFIG_FILE)
+        except IPMNError:
             return DEFAULT_K
         for section in (config, config.get("model") or {}, config.get("preprocess") or {}, config.get("data") or {}):
             if isinstance(section, dict) and isinstance(section.get("k"), int) and section["k"] > 0:
@@ -686,7 +692,7 @@ class ClassifierLogic:
         digest = hashlib.sha1(task.key.encode("utf-8")).hexdigest()[:10]
         dest = self._defaultResultsRoot() / f"{_safeName(t1Name)}-{digest}"
         dest.mkdir(parents=True, exist_ok=True)
-        for name in ("prediction.json", "grid.png"):
+        for name in (PREDICTION_FILE, GRID_PNG_FILE):
             src = task.outDir / name
             if src.is_file():
                 shutil.copy2(src, dest / name)
@@ -698,12 +704,12 @@ class ClassifierLogic:
         t1 = self.scene.GetNodeByID(task.t1NodeID)
         if t1 is None:
             raise IPMNError("the T1 volume was removed from the scene while the engine was running")
-        prediction = readPrediction(task.outDir / "prediction.json")
+        prediction = readPrediction(task.outDir / PREDICTION_FILE)
         outputs = prediction.get("outputs") or {}
         name = t1.GetName()
 
         heatmap = self._outputNode("vtkMRMLScalarVolumeNode", ROLE_HEATMAP, task.key, f"{name} IPMN attention")
-        self._readVolumeInto(heatmap, task.outDir / outputs.get("attention", "attention.nii.gz"), t1)
+        self._readVolumeInto(heatmap, task.outDir / outputs.get("attention", ATTENTION_FILE), t1)
         heatmap.CreateDefaultDisplayNodes()
         display = heatmap.GetDisplayNode()
         display.SetAndObserveColorNodeID(self.heatmapColorNodeID())
@@ -714,7 +720,7 @@ class ClassifierLogic:
         display.SetUpperThreshold(1.0)
 
         labels = self._outputNode("vtkMRMLLabelMapVolumeNode", ROLE_LABELS, task.key, f"{name} IPMN attention levels")
-        self._readVolumeInto(labels, task.outDir / outputs.get("attention_labels", "attention_labels.nii.gz"), t1)
+        self._readVolumeInto(labels, task.outDir / outputs.get("attention_labels", ATTENTION_LABELS_FILE), t1)
         labels.CreateDefaultDisplayNodes()
         colors = self.attentionLevelsColorNode(prediction.get("attention_levels"))
         labels.GetDisplayNode().SetAndObserveColorNodeID(colors.GetID())
@@ -723,7 +729,7 @@ class ClassifierLogic:
         self._fillTable(table, prediction, name)
 
         resultDir = self._keepFiles(task, name)
-        grid = resultDir / "grid.png"
+        grid = resultDir / GRID_PNG_FILE
         table.SetAttribute("IPMN.ResultFolder", str(resultDir))
         self.placeInSubjectHierarchy([table, heatmap, labels], t1, task.key)
         return PredictResult(prediction=prediction, tableNode=table, heatmapNode=heatmap, labelNode=labels,
@@ -836,7 +842,7 @@ class AsyncPrediction:
         self.finished = False
         self.result = None
         self.error = None
-        self._done_event = None
+        self.job = eng.EngineJob(run) if run is not None else None  # a worker translates its own requests
 
     def _finish(self, out: list, result=None, error=None) -> None:
         self.finished = True
@@ -863,32 +869,19 @@ class AsyncPrediction:
         if self.finished:
             return []
         out = []
-        source = self.worker if self.worker is not None else self.run
-        for kind, payload in source.poll():
+        items = self.worker.poll() if self.worker is not None else [
+            item for raw in self.run.poll() for item in self.job.feed(*raw)]
+        for kind, payload in items:
             if self.finished:
                 break
-            if kind == "event":
-                name = payload.get("event")
-                if name == "stage":
-                    out.append(self._progress(payload))
-                elif name == "ready":
-                    out.append(("progress", (None, "engine ready")))
-                elif name == "done":
-                    self._done_event = payload
-                elif name == "error":
-                    self._finish(out, error=eng.EngineError(str(payload.get("message") or "engine error"),
-                                                            log_tail=self.run.log_tail if self.run else ()))
+            if kind == "event" and payload.get("event") in ("stage", "ready"):
+                out.append(self._progress(payload) if payload["event"] == "stage" else ("progress", (None, "engine ready")))
             elif kind == "log":
                 out.append(("log", payload))
-            elif kind == "done":  # worker: request finished
+            elif kind == "finished":
                 self._load(out)
-            elif kind == "failed":  # worker: request failed or worker died
+            elif kind == "failed":
                 self._finish(out, error=payload)
-            elif kind == "exit" and self.run is not None:  # one-shot process ended
-                if payload == 0 and not self.run.cancelled:
-                    self._load(out)
-                else:
-                    self._finish(out, error=self.run.error())
         return out
 
     def cancel(self) -> None:
@@ -903,15 +896,4 @@ class AsyncPrediction:
 
     def wait(self, timeout: float | None = None, onItem=None):
         """Block until finished (tests and scripts); returns the PredictResult or raises the error."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.finished:
-            for item in self.poll():
-                if onItem:
-                    onItem(item)
-            if deadline is not None and time.monotonic() > deadline:
-                self.cancel()
-                deadline = None
-            time.sleep(0.05)
-        if self.error is not None:
-            raise self.error
-        return self.result
+        return eng.wait_items(self.poll, self.cancel, on_item=onItem, timeout=timeout)

@@ -20,6 +20,7 @@ import vtk
 
 from ipmn import registry
 from ipmn.errors import IPMNError
+from ipmn.vocab import CONFIG_FILE, MODALITY_SETS, is_perfect_square
 from IPMNClassifierLib import engine as eng
 from IPMNTrainerLib.presets import configOverrides, effectiveOptions, pretrainedProblems, setPretrained
 
@@ -37,7 +38,7 @@ CONFIG_ALIASES = {
     "modalities": ("modalities",),
     "fusion": ("fusion",),
 }
-MODALITIES = {"t1t2": ["t1", "t2"], "t1": ["t1"], "t2": ["t2"]}
+MODALITIES = MODALITY_SETS  # the panel's choice -> the model's modalities
 SERIES_COLORS = ((0.12, 0.47, 0.71), (1.0, 0.5, 0.05), (0.17, 0.63, 0.17), (0.84, 0.15, 0.16), (0.58, 0.4, 0.74),
                  (0.55, 0.34, 0.29), (0.89, 0.47, 0.76), (0.5, 0.5, 0.5), (0.74, 0.74, 0.13), (0.09, 0.75, 0.81))
 
@@ -384,11 +385,8 @@ class TrainerLogic:
 
     def defaultConfig(self) -> Path | None:
         presets = self.presetConfigs()
-        for preferred in ("default.yaml", "practical.yaml"):
-            for p in presets:
-                if p.name == preferred:
-                    return p
-        return presets[0] if presets else None
+        practical = [p for p in presets if p.name == "practical.yaml"]
+        return (practical or presets or [None])[0]
 
     def writeRunConfig(self, options: TrainingOptions, folder) -> tuple:
         """The base config with the panel's values applied, written to ``folder``; returns (path, notes)."""
@@ -449,7 +447,7 @@ class TrainerLogic:
         if options.kind == "cv":
             if any(v is not None and int(v) < 2 for v in (options.outer, options.inner)):
                 problems.append("Use at least 2 outer and 2 inner folds.")
-        if options.k is not None and (int(options.k) < 1 or int(math.isqrt(int(options.k))) ** 2 != int(options.k)):
+        if options.k is not None and not is_perfect_square(int(options.k)):
             problems.append(f"k must be a perfect square (4, 9, 16 ...), not {options.k}.")
         problems += pretrainedProblems(options.pretrained)
         return problems
@@ -528,7 +526,7 @@ class TrainerLogic:
         """{model name: [fold model package folders]} of a finished ``ipmn cv`` run."""
         found = {}
         for package in sorted(Path(runDir).glob("*/fold_*/model")):
-            if (package / registry.CONFIG_FILE).is_file():
+            if (package / CONFIG_FILE).is_file():
                 found.setdefault(package.parent.parent.name, []).append(package)
         for name in found:
             found[name].sort(key=lambda p: int(p.parent.name.split("_")[-1]) if p.parent.name.split("_")[-1].isdigit() else 0)
@@ -569,41 +567,30 @@ class TrainingRun:
         self.curves = curves
         self.progress = TrainingProgress(options.totalFolds, options.inner if options.kind == "cv" else 0)
         self.finished = False
-        self.doneEvent = None
-        self.errorEvent = None
+        self.job = eng.EngineJob(run, default_done={"event": "done", "out": str(options.output)})
 
     def handle(self, kind: str, payload) -> list:
+        """One raw item of the engine run → the panel's items (through :class:`EngineJob`)."""
         out = []
-        if kind == "event":
-            name = payload.get("event")
-            if name == "epoch":
-                if self.curves is not None:
-                    self.curves.add(payload)
-                out.append(("progress", self.progress.update(payload)))
-            elif name == "fold_done":
-                out.append(("progress", self.progress.update(payload)))
-                out.append(("fold_done", payload))
-            elif name == "done":
-                self.doneEvent = payload
-            elif name == "error":
-                self.errorEvent = payload
-            elif name == "stage":
-                text = payload.get("message") or (f"{payload['fraction']:.0%}" if isinstance(
-                    payload.get("fraction"), (int, float)) else "")
-                out.append(("log", f"{payload.get('stage', '')}: {text}".rstrip(": ")))
-            elif name == "warning":
-                out.append(("log", f"warning: {payload.get('message', '')}"))
-        elif kind == "log":
-            out.append(("log", payload))
-        elif kind == "exit":
-            self.finished = True
-            if payload == 0 and not self.run.cancelled and self.errorEvent is None:
-                out.append(("finished", self.doneEvent or {"event": "done", "out": str(self.options.output)}))
-            elif self.errorEvent is not None and not self.run.cancelled:
-                out.append(("failed", eng.EngineError(str(self.errorEvent.get("message") or "training failed"),
-                                                      exit_code=payload, log_tail=self.run.log_tail)))
-            else:
-                out.append(("failed", self.run.error()))
+        for kind2, item in self.job.feed(kind, payload):
+            if kind2 == "event":
+                name = item.get("event")
+                if name == "epoch":
+                    if self.curves is not None:
+                        self.curves.add(item)
+                    out.append(("progress", self.progress.update(item)))
+                elif name == "fold_done":
+                    out.append(("progress", self.progress.update(item)))
+                    out.append(("fold_done", item))
+                elif name == "stage":
+                    text = item.get("message") or (f"{item['fraction']:.0%}" if isinstance(
+                        item.get("fraction"), (int, float)) else "")
+                    out.append(("log", f"{item.get('stage', '')}: {text}".rstrip(": ")))
+                elif name == "warning":
+                    out.append(("log", f"warning: {item.get('message', '')}"))
+            else:  # log, finished, failed
+                out.append((kind2, item))
+        self.finished = self.job.finished
         return out
 
     def poll(self) -> list:
@@ -613,21 +600,8 @@ class TrainingRun:
         return out
 
     def wait(self, onItem=None, timeout: float | None = None) -> dict:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.finished:
-            item = self.run.next(timeout=0.5)
-            if item is not None:
-                for result in self.handle(*item):
-                    if onItem:
-                        onItem(result)
-                    if result[0] == "finished":
-                        return result[1]
-                    if result[0] == "failed":
-                        raise result[1]
-            if deadline is not None and time.monotonic() > deadline:
-                self.cancel()
-                deadline = None
-        raise self.run.error()
+        """Block until the run ends (tests and scripts); returns the done event or raises the error."""
+        return eng.wait_items(self.poll, self.cancel, on_item=onItem, timeout=timeout)
 
     def cancel(self) -> None:
         """Kill the process tree; a later run with ``resume`` continues from the last checkpoint."""
