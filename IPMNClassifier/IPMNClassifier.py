@@ -3,6 +3,9 @@
 A Vision Transformer classifies a grid of k ROI slices of both series; Attention Rollout shows where it looked.
 The work runs in a separate engine process (``PythonSlicer -m ipmn``), never in the GUI thread; this file only
 binds the panel to :mod:`IPMNClassifierLib.logic`. Requires Slicer 5.10 or later (Python 3.12).
+
+Over 500 lines because Slicer's module template keeps the module, its parameter node, widget, logic and
+self-test in one file; every function is short and the logic lives in ``IPMNClassifierLib``.
 """
 
 import enum

@@ -2,6 +2,9 @@
 
 Runs ``ipmn cv`` / ``ipmn train`` (the same code as the command line) in a separate process with
 ``--progress jsonl``; this file binds the panel to :mod:`IPMNTrainerLib.logic`. Requires Slicer 5.10 or later.
+
+Over 500 lines because Slicer's module template keeps the module, its parameter node, widget, logic and
+self-test in one file; the logic lives in ``IPMNTrainerLib``.
 """
 
 import enum

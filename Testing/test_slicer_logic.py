@@ -31,13 +31,13 @@ from ipmn import registry  # noqa: E402
 from ipmn.errors import IPMNError  # noqa: E402
 from IPMNClassifierLib import engine as eng  # noqa: E402
 from IPMNClassifierLib.logic import (  # noqa: E402
-    HEATMAP_COLOR_IDS,
     ClassifierLogic,
     PredictOptions,
     fileSha256,
-    roiSliceCount,
     sampleDataSpec,
 )
+from IPMNClassifierLib.results import HEATMAP_COLOR_IDS  # noqa: E402
+from IPMNClassifierLib.roitools import roiSliceCount  # noqa: E402
 from IPMNTrainerLib.logic import (  # noqa: E402
     LearningCurves,
     TrainerLogic,

@@ -18,7 +18,8 @@ slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 
 from IPMNClassifierLib import engine as eng  # noqa: E402
-from IPMNClassifierLib.logic import ClassifierLogic, asciiTempPath, pruneResultFolders  # noqa: E402
+from IPMNClassifierLib.logic import ClassifierLogic  # noqa: E402
+from IPMNClassifierLib.results import asciiTempPath, pruneResultFolders  # noqa: E402
 
 
 @pytest.fixture

@@ -4,8 +4,10 @@ Pure Python (no slicer, qt, vtk or torch imports) so it works in Slicer, in ``Py
 
 * :class:`EngineLauncher` builds the command (``PythonSlicer -m ipmn ...``) and the environment.
 * :class:`EngineRun` is one running process: a reader thread puts stdout lines (stderr merged) into a
-  queue; the GUI drains it from a ``QTimer`` with :meth:`EngineRun.poll`, batch code and tests call
-  :meth:`EngineRun.wait`. :meth:`EngineRun.cancel` kills the whole process tree.
+  queue; the GUI drains it from a ``QTimer`` with :meth:`EngineRun.poll`. :meth:`EngineRun.cancel` kills
+  the whole process tree.
+* :class:`EngineJob` is the one translator of the engine's events (:mod:`ipmn.progress`) into progress,
+  log lines and one outcome, for both modules; :func:`wait_items` is the one blocking wait (tests, scripts).
 * :class:`EngineWorker` keeps ``ipmn worker`` alive between cases (torch, timm and the model stay loaded).
 * :func:`describe_exit` turns exit codes into words and :class:`EngineError` carries the last log lines.
 """

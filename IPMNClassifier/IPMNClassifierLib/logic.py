@@ -1,5 +1,8 @@
 """MRML side of the IPMN classifier: scene nodes to engine inputs, engine outputs back into the scene.
 
+:class:`ClassifierLogic` checks inputs, writes them for the engine and runs it (here); it creates ROIs
+(:mod:`IPMNClassifierLib.roitools`) and loads results into the scene (:mod:`IPMNClassifierLib.results`).
+
 Uses only what works both inside Slicer and with ``slicer-core`` (MRML without the application): storage
 nodes for reading and writing files, the subject hierarchy node, markups ROI and segmentation nodes. The
 engine itself (torch, timm ...) runs in a child process; see :mod:`IPMNClassifierLib.engine`.
@@ -8,51 +11,25 @@ engine itself (torch, timm ...) runs in a child process; see :mod:`IPMNClassifie
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import os
-import re
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import slicer
-import vtk
 
 from ipmn import registry
 from ipmn.errors import IPMNError
 from ipmn.vocab import (
-    ATTENTION_FILE,
-    ATTENTION_LABELS_FILE,
-    CLASS_TITLES,
     CONFIG_FILE,
-    GRID_PNG_FILE,
-    PREDICTION_FILE,
-    PREDICTION_SCHEMA,
 )
 from IPMNClassifierLib import engine as eng
+from IPMNClassifierLib.results import PredictResult, ResultLoader, asciiTempPath
+from IPMNClassifierLib.roitools import RoiTools, _boxesOverlap, _transformID, roiSliceCount
 
-CLASS_NAMES = ("normal", "low", "high")
-ATTR_ROLE = "IPMN.Role"
-ATTR_KEY = "IPMN.InputKey"
-ROLE_TABLE = "result_table"
-ROLE_HEATMAP = "attention"
-ROLE_LABELS = "attention_labels"
-ROLE_LEVELS_COLORS = "attention_levels_colors"
 DEFAULT_K = 9
-DEFAULT_ROI_SIZE_MM = (100.0, 70.0, 60.0)  # R-L, A-P, S-I: a pancreas with some margin, >= 9 slices of 6 mm
-HEATMAP_COLOR_IDS = (
-    "vtkMRMLColorTableNodeFileInferno.txt",
-    "vtkMRMLPETProceduralColorNodePET-Heat",
-    "vtkMRMLColorTableNodeIron",
-)
-HEATMAP_THRESHOLD = 1e-3  # voxels below this are transparent in the foreground layer
-LEVEL_COLORS = {1: (1.0, 0.9, 0.25), 2: (1.0, 0.55, 0.0), 3: (0.85, 0.0, 0.0)}
-DEFAULT_LEVEL_NAMES = {1: "top 20%", 2: "top 10%", 3: "top 5%"}
-GEOMETRY_TOLERANCE_MM = 1e-3
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -104,168 +81,33 @@ class PredictTask:
                 "precision": self.options.precision}
 
 
-@dataclass
-class PredictResult:
-    prediction: dict
-    tableNode: object
-    heatmapNode: object
-    labelNode: object
-    gridPng: Path | None
-    resultDir: Path | None
-
-    @property
-    def predictedClass(self) -> str:
-        return str(self.prediction.get("predicted_class", ""))
-
-    @property
-    def probabilities(self) -> dict:
-        return {str(k): float(v) for k, v in (self.prediction.get("probabilities") or {}).items()}
-
-    def summary(self) -> str:
-        probs = ", ".join(f"{k} {v:.2f}" for k, v in self.probabilities.items())
-        model = (self.prediction.get("model") or {}).get("name", "")
-        return f"{CLASS_TITLES.get(self.predictedClass, self.predictedClass)} ({probs}; model {model})"
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def _matrix(node) -> np.ndarray:
-    m = vtk.vtkMatrix4x4()
-    node.GetIJKToRASMatrix(m)
-    return np.array([[m.GetElement(i, j) for j in range(4)] for i in range(4)])
 
 
-def _copyGeometryExactly(node, reference) -> None:
-    """Give ``node`` exactly the reference's origin, spacing and axis directions.
-
-    NIfTI stores the geometry in single precision, and volume nodes ignore direction changes below a
-    tolerance: set clearly different directions first, so that the copy below is never skipped.
-    """
-    directions = _directions(reference)
-    placeholder = -np.eye(3) if np.abs(directions - np.eye(3)).max() < 1e-3 else np.eye(3)
-    node.SetIJKToRASDirections(*[float(v) for v in placeholder.ravel()])
-    node.CopyOrientation(reference)
 
 
-def _directions(node) -> np.ndarray:
-    m = vtk.vtkMatrix4x4()
-    node.GetIJKToRASDirectionMatrix(m)
-    return np.array([[m.GetElement(i, j) for j in range(3)] for i in range(3)])
 
 
-def _safeName(text: str, limit: int = 40) -> str:
-    return (re.sub(r"[^A-Za-z0-9_-]+", "_", str(text)).strip("_") or "case")[:limit]
 
 
-def _transformID(node) -> str:
-    return (node.GetTransformNodeID() or "") if node is not None else ""
 
 
-def _transformPoints(points, fromNode, toNode) -> np.ndarray:
-    """RAS points from the coordinates under ``fromNode`` into those under ``toNode`` (None = world)."""
-    points = np.asarray(points, dtype=float)
-    if fromNode is None and toNode is None:
-        return points
-    transform = vtk.vtkGeneralTransform()
-    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(fromNode, toNode, transform)
-    return np.array([transform.TransformPoint(*p) for p in points])
 
 
-def _boxesOverlap(a, b) -> bool:
-    return all(a[2 * i] <= b[2 * i + 1] and b[2 * i] <= a[2 * i + 1] for i in range(3))
 
 
-def roiSliceCount(roiNode, volumeNode) -> tuple[int, float, float]:
-    """How many slices the engine's ROI grid gets: (count, ROI S-I extent mm, slice spacing mm).
-
-    Same rule as the engine: the ROI axis closest to Superior, the volume's voxel axis closest to it,
-    ``floor(extent / spacing)``. Both nodes are taken in their own (node) coordinates.
-    """
-    toNode = roiNode.GetObjectToNodeMatrix()
-    axes = np.array([[toNode.GetElement(i, j) for j in range(3)] for i in range(3)])
-    size = np.array(roiNode.GetSize(), dtype=float)
-    a = int(np.argmax(np.abs(axes[2, :])))
-    direction = axes[:, a] / (np.linalg.norm(axes[:, a]) or 1.0)
-    ijkToRas = _matrix(volumeNode)[:3, :3]
-    spacing = np.linalg.norm(ijkToRas, axis=0)
-    unit = ijkToRas / np.where(spacing > 0, spacing, 1.0)
-    b = int(np.argmax(np.abs(unit.T @ direction)))
-    dz = float(spacing[b]) or 1.0
-    return max(0, int(math.floor(size[a] / dz + 1e-6))), float(size[a]), dz
 
 
-def readPrediction(path) -> dict:
-    """prediction.json, checked enough to display it (probabilities present and summing to 1)."""
-    path = Path(path)
-    try:
-        with open(path, encoding="utf-8") as fh:
-            prediction = json.load(fh)
-    except FileNotFoundError as exc:
-        raise IPMNError(f"the engine did not write {path.name}") from exc
-    except (OSError, ValueError) as exc:
-        raise IPMNError(f"cannot read {path}: {exc}") from exc
-    schema = prediction.get("schema")
-    if schema and schema != PREDICTION_SCHEMA:
-        raise IPMNError(f"{path.name} has schema {schema!r}; this module reads {PREDICTION_SCHEMA!r}")
-    probs = prediction.get("probabilities")
-    if not isinstance(probs, dict) or not probs:
-        raise IPMNError(f"{path.name} has no class probabilities")
-    total = sum(float(v) for v in probs.values())
-    if not math.isfinite(total) or abs(total - 1.0) > 1e-3:
-        raise IPMNError(f"{path.name}: class probabilities sum to {total:.4f}, not 1")
-    if not prediction.get("predicted_class"):
-        prediction["predicted_class"] = max(probs, key=lambda k: float(probs[k]))
-    return prediction
 
 
-def _windowsShortPath(path: str) -> str | None:
-    """The 8.3 short form of an existing Windows path (ASCII where short names are enabled), or None."""
-    try:
-        import ctypes
-
-        buffer = ctypes.create_unicode_buffer(1024)
-        length = ctypes.windll.kernel32.GetShortPathNameW(str(path), buffer, len(buffer))
-    except (AttributeError, OSError):
-        return None
-    return buffer.value if 0 < length < len(buffer) else None
 
 
-def asciiTempPath(base: str, windows: bool, shortPath=_windowsShortPath) -> str:
-    """The temporary folder for patient images: the user's own, never a machine-wide folder.
-
-    On Windows a non-ASCII user name in the temporary path can trip native libraries; the same folder's
-    8.3 short name is used when it is ASCII. Otherwise the folder is kept as it is (set IPMN_TMPDIR to
-    choose another): patient images must not go to a folder that other users of the machine can read.
-    """
-    if not windows or base.isascii():
-        return base
-    short = shortPath(base)
-    return short if short and short.isascii() else base
 
 
-RESULTS_KEEP = 20  # result folders (prediction.json + grid.png copies) kept under the results root
-RESULTS_MAX_AGE_S = 7 * 24 * 3600
 
 
-def pruneResultFolders(root, keep=None, maxCount: int = RESULTS_KEEP, maxAgeS: float = RESULTS_MAX_AGE_S) -> list:
-    """Remove old result copies: all but the ``maxCount`` newest, and any older than ``maxAgeS``.
-
-    Only folders holding nothing but ``prediction.json`` / ``grid.png`` are touched (never ``keep``).
-    Returns the removed folders.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    folders = []
-    for child in root.iterdir():
-        names = {p.name for p in child.iterdir()} if child.is_dir() else None
-        if names is not None and names <= {PREDICTION_FILE, GRID_PNG_FILE} and child != keep:
-            folders.append((child.stat().st_mtime, child))
-    folders.sort(reverse=True)
-    now = time.time()
-    removed = [f for i, (mtime, f) in enumerate(folders) if i >= maxCount - 1 or now - mtime > maxAgeS]
-    for folder in removed:
-        shutil.rmtree(folder, ignore_errors=True)
-    return removed
 
 
 # ------------------------------------------------------------------------------------------- sample data
@@ -323,7 +165,7 @@ def sampleDataSpec(moduleDir) -> dict | None:
 
 
 # ------------------------------------------------------------------------------------------- logic
-class ClassifierLogic:
+class ClassifierLogic(RoiTools, ResultLoader):
     """Everything the IPMNClassifier module does, without Qt: usable from tests, scripts and the widget."""
 
     def __init__(self, launcher: eng.EngineLauncher | None = None, moduleDir=None, workRoot=None, resultsRoot=None):
@@ -527,303 +369,6 @@ class ClassifierLogic:
         proc = self.launcher.start(self.launcher.command(*task.predictArgs()), device=task.options.device)
         return AsyncPrediction(self, task, run=eng.EngineRun(proc, description="ipmn predict"))
 
-    # --------------------------------------------------------------------------------- outputs
-    def _findOutput(self, role: str, key: str):
-        for cls in ("vtkMRMLTableNode", "vtkMRMLScalarVolumeNode"):
-            nodes = self.scene.GetNodesByClass(cls)
-            for i in range(nodes.GetNumberOfItems()):
-                node = nodes.GetItemAsObject(i)
-                if node.GetAttribute(ATTR_ROLE) == role and node.GetAttribute(ATTR_KEY) == key:
-                    return node
-        return None
-
-    def _outputNode(self, cls: str, role: str, key: str, name: str):
-        node = self._findOutput(role, key)
-        if node is not None and not node.IsA(cls):
-            self.scene.RemoveNode(node)
-            node = None
-        if node is None:
-            node = self.scene.AddNewNodeByClass(cls, self.scene.GenerateUniqueName(name))
-            node.SetAttribute(ATTR_ROLE, role)
-            node.SetAttribute(ATTR_KEY, key)
-        return node
-
-    def _readVolumeInto(self, node, path: Path, reference) -> None:
-        """Read ``path`` into ``node`` and give it exactly the reference (T1) geometry."""
-        if not Path(path).is_file():
-            raise IPMNError(f"the engine did not write {Path(path).name}")
-        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-        storage.SetFileName(str(path))
-        if not storage.ReadData(node):
-            raise IPMNError(f"cannot read {Path(path).name} written by the engine")
-        dims, refDims = node.GetImageData().GetDimensions(), reference.GetImageData().GetDimensions()
-        if tuple(dims) != tuple(refDims):
-            raise IPMNError(f"{Path(path).name} has dimensions {dims}, the T1 volume {refDims}")
-        difference = np.abs(_matrix(node) - _matrix(reference)).max()
-        if difference > GEOMETRY_TOLERANCE_MM:
-            raise IPMNError(f"{Path(path).name} is not in the T1 volume's geometry (differs by {difference:.3g} mm)")
-        _copyGeometryExactly(node, reference)
-        node.SetAndObserveTransformNodeID(reference.GetTransformNodeID())
-
-    def heatmapColorNodeID(self) -> str:
-        for nodeID in HEATMAP_COLOR_IDS:
-            if self.scene.GetNodeByID(nodeID) is not None:
-                return nodeID
-        return "vtkMRMLColorTableNodeRainbow"
-
-    def attentionLevelsColorNode(self, levelNames: dict | None = None):
-        """The colour table of the attention label map: 1/2/3 = top 20/10/5 % (names from the prediction)."""
-        names = dict(DEFAULT_LEVEL_NAMES)
-        for key, value in (levelNames or {}).items():
-            try:
-                names[int(key)] = str(value)
-            except ValueError:
-                continue
-        node = None
-        nodes = self.scene.GetNodesByClass("vtkMRMLColorTableNode")
-        for i in range(nodes.GetNumberOfItems()):
-            candidate = nodes.GetItemAsObject(i)
-            if candidate.GetAttribute(ATTR_ROLE) == ROLE_LEVELS_COLORS:
-                node = candidate
-                break
-        if node is None:
-            node = self.scene.AddNewNodeByClass("vtkMRMLColorTableNode", "IPMN attention levels")
-            node.SetAttribute(ATTR_ROLE, ROLE_LEVELS_COLORS)
-            node.SetTypeToUser()
-            node.SetHideFromEditors(False)
-        levels = max(names)
-        node.SetNumberOfColors(levels + 1)
-        node.GetLookupTable().SetTableRange(0, levels)
-        node.SetColor(0, "background", 0.0, 0.0, 0.0, 0.0)
-        for level in range(1, levels + 1):
-            r, g, b = LEVEL_COLORS.get(level, (1.0, 0.0, 1.0))
-            node.SetColor(level, f"{names.get(level, f'level {level}')} attention", r, g, b, 1.0)
-        return node
-
-    def _fillTable(self, table, prediction: dict, t1Name: str) -> None:
-        classes = list(prediction.get("classes") or prediction["probabilities"].keys())
-        probs = prediction["probabilities"]
-        uncertainty = prediction.get("uncertainty") or {}
-        model = prediction.get("model") or {}
-        windows = prediction.get("windows") or {}
-        explanation = prediction.get("explanation") or {}
-        rows = [("Case (T1)", t1Name)]
-        rows += [(f"P({c})", f"{float(probs.get(c, 0.0)):.4f}") for c in classes]
-        rows.append(("Predicted class", str(prediction.get("predicted_class", ""))))
-        if uncertainty.get("entropy") is not None:
-            rows.append(("Uncertainty (entropy)", f"{float(uncertainty['entropy']):.4f}"))
-        spread = uncertainty.get("ensemble_std")
-        if isinstance(spread, dict):
-            rows += [(f"Ensemble std P({c})", f"{float(v):.4f}") for c, v in spread.items()]
-        rows += [("Model", str(model.get("name", ""))), ("Model id", str(model.get("id", ""))),
-                 ("Architecture", str(model.get("arch", ""))), ("Model card", str(model.get("card", ""))),
-                 ("Trained on", str(model.get("trained_on", "")))]
-        if windows:
-            rows.append(("Windows", f"{windows.get('mode', '')} (k={windows.get('k', '')}, "
-                                    f"{len(windows.get('starts') or [])} window(s))"))
-        if explanation:
-            text = str(explanation.get("method", ""))
-            if explanation.get("deletion_auc") is not None and explanation.get("random_deletion_auc") is not None:
-                text += (f"; deletion AUC {float(explanation['deletion_auc']):.3f} vs random "
-                         f"{float(explanation['random_deletion_auc']):.3f} (lower = more faithful)")
-            rows.append(("Explanation", text))
-        if prediction.get("device"):
-            rows.append(("Computed on", f"{prediction['device']}, "
-                                        f"{prediction.get('precision') or 'precision not recorded'}"))
-        items, values = vtk.vtkStringArray(), vtk.vtkStringArray()
-        items.SetName("Item")
-        values.SetName("Value")
-        for item, value in rows:
-            items.InsertNextValue(item)
-            values.InsertNextValue(value)
-        wasModifying = table.StartModify()
-        table.RemoveAllColumns()
-        table.AddColumn(items)
-        table.AddColumn(values)
-        table.SetUseColumnTitleAsColumnHeader(True)
-        for c in classes:
-            table.SetAttribute(f"IPMN.Probability.{c}", repr(float(probs.get(c, 0.0))))
-        table.SetAttribute("IPMN.PredictedClass", str(prediction.get("predicted_class", "")))
-        table.EndModify(wasModifying)
-
-    @staticmethod
-    def tableProbabilities(table) -> dict:
-        """Class probabilities as stored in a result table (rows ``P(<class>)``)."""
-        vtable = table.GetTable()
-        items, values = vtable.GetColumnByName("Item"), vtable.GetColumnByName("Value")
-        out = {}
-        for row in range(vtable.GetNumberOfRows()):
-            match = re.fullmatch(r"P\((.+)\)", items.GetValue(row))
-            if match:
-                out[match.group(1)] = float(values.GetValue(row))
-        return out
-
-    def placeInSubjectHierarchy(self, nodes, reference, key: str):
-        """Put the output nodes in a folder under the reference (T1) volume's study; returns the folder item."""
-        sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(self.scene)
-        if sh is None:
-            return 0
-        refItem = sh.GetItemByDataNode(reference)
-        parent = sh.GetSceneItemID()
-        if refItem:
-            study = sh.GetItemAncestorAtLevel(refItem, slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMLevelStudy())
-            parent = study or sh.GetItemParent(refItem) or parent
-        folder = 0
-        children = vtk.vtkIdList()
-        sh.GetItemChildren(parent, children, False)
-        for i in range(children.GetNumberOfIds()):
-            child = children.GetId(i)
-            if sh.GetItemAttribute(child, ATTR_KEY) == key:
-                folder = child
-                break
-        if not folder:
-            folder = sh.CreateFolderItem(parent, f"IPMN - {reference.GetName()}")
-            sh.SetItemAttribute(folder, ATTR_KEY, key)
-        for node in nodes:
-            item = sh.GetItemByDataNode(node)
-            if not item:
-                item = sh.CreateItem(folder, node)
-            else:
-                sh.SetItemParent(item, folder)
-        return folder
-
-    def _keepFiles(self, task: PredictTask, t1Name: str) -> Path:
-        """Copy grid.png and prediction.json out of the temporary folder (it is removed after loading)."""
-        digest = hashlib.sha1(task.key.encode("utf-8")).hexdigest()[:10]
-        dest = self._defaultResultsRoot() / f"{_safeName(t1Name)}-{digest}"
-        dest.mkdir(parents=True, exist_ok=True)
-        for name in (PREDICTION_FILE, GRID_PNG_FILE):
-            src = task.outDir / name
-            if src.is_file():
-                shutil.copy2(src, dest / name)
-        pruneResultFolders(dest.parent, keep=dest)
-        return dest
-
-    def loadResults(self, task: PredictTask) -> PredictResult:
-        """Read the engine's outputs into the scene (re-using the nodes of an earlier run on the same inputs)."""
-        t1 = self.scene.GetNodeByID(task.t1NodeID)
-        if t1 is None:
-            raise IPMNError("the T1 volume was removed from the scene while the engine was running")
-        prediction = readPrediction(task.outDir / PREDICTION_FILE)
-        outputs = prediction.get("outputs") or {}
-        name = t1.GetName()
-
-        heatmap = self._outputNode("vtkMRMLScalarVolumeNode", ROLE_HEATMAP, task.key, f"{name} IPMN attention")
-        self._readVolumeInto(heatmap, task.outDir / outputs.get("attention", ATTENTION_FILE), t1)
-        heatmap.CreateDefaultDisplayNodes()
-        display = heatmap.GetDisplayNode()
-        display.SetAndObserveColorNodeID(self.heatmapColorNodeID())
-        display.AutoWindowLevelOff()
-        display.SetWindowLevelMinMax(0.0, 1.0)
-        display.SetApplyThreshold(1)
-        display.SetLowerThreshold(HEATMAP_THRESHOLD)
-        display.SetUpperThreshold(1.0)
-
-        labels = self._outputNode("vtkMRMLLabelMapVolumeNode", ROLE_LABELS, task.key, f"{name} IPMN attention levels")
-        self._readVolumeInto(labels, task.outDir / outputs.get("attention_labels", ATTENTION_LABELS_FILE), t1)
-        labels.CreateDefaultDisplayNodes()
-        colors = self.attentionLevelsColorNode(prediction.get("attention_levels"))
-        labels.GetDisplayNode().SetAndObserveColorNodeID(colors.GetID())
-
-        table = self._outputNode("vtkMRMLTableNode", ROLE_TABLE, task.key, f"{name} IPMN result")
-        self._fillTable(table, prediction, name)
-
-        resultDir = self._keepFiles(task, name)
-        grid = resultDir / GRID_PNG_FILE
-        table.SetAttribute("IPMN.ResultFolder", str(resultDir))
-        self.placeInSubjectHierarchy([table, heatmap, labels], t1, task.key)
-        return PredictResult(prediction=prediction, tableNode=table, heatmapNode=heatmap, labelNode=labels,
-                             gridPng=grid if grid.is_file() else None, resultDir=resultDir)
-
-    # --------------------------------------------------------------------------------- ROI
-    def createRoi(self, center=None, size=None, referenceVolume=None, name: str = "IPMN ROI", roiNode=None):
-        """A box of pancreas size (default 100 x 70 x 60 mm) centred at ``center`` (world RAS).
-
-        Without a centre the box is centred on the reference volume. The ROI goes under the reference's
-        parent transform so that it stays in the volume's space.
-        """
-        size = tuple(float(s) for s in (size or DEFAULT_ROI_SIZE_MM))
-        if min(size) <= 0:
-            raise IPMNError("the ROI size must be positive")
-        transformNode = referenceVolume.GetParentTransformNode() if referenceVolume is not None else None
-        if center is None:
-            if referenceVolume is None:
-                raise IPMNError("select a T1 volume (or give a centre) to create the ROI")
-            bounds = [0.0] * 6
-            referenceVolume.GetRASBounds(bounds)
-            center = [(bounds[2 * i] + bounds[2 * i + 1]) / 2.0 for i in range(3)]
-        local = _transformPoints([center], None, transformNode)[0]
-        roi = roiNode or self.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", self.scene.GenerateUniqueName(name))
-        roi.SetAndObserveTransformNodeID(transformNode.GetID() if transformNode is not None else None)
-        roi.SetAndObserveObjectToNodeMatrix(vtk.vtkMatrix4x4())  # a reused ROI loses its rotation, like a new one
-        roi.SetCenter(*[float(v) for v in local])
-        roi.SetSize(*size)
-        roi.CreateDefaultDisplayNodes()
-        return roi
-
-    def segmentBoundsRAS(self, segmentationNode, segmentID: str) -> np.ndarray:
-        """World RAS axis-aligned bounds (6 numbers) of a segment's voxels (voxel edges included)."""
-        if segmentationNode is None or not segmentID:
-            raise IPMNError("select a segmentation and a segment (e.g. the pancreas)")
-        segment = segmentationNode.GetSegmentation().GetSegment(segmentID)
-        if segment is None:
-            raise IPMNError(f"segment {segmentID} not found in '{segmentationNode.GetName()}'")
-        image = slicer.vtkOrientedImageData()
-        ok = slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
-            segmentationNode, segmentID, image)
-        if not ok or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
-            raise IPMNError(f"cannot get a labelmap of segment '{segment.GetName()}'")
-        from vtk.util.numpy_support import vtk_to_numpy
-
-        dims = image.GetDimensions()
-        voxels = vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[2], dims[1], dims[0])
-        # Segments share labelmap layers: keep only this segment's label value.
-        nonzero = np.argwhere(voxels == segment.GetLabelValue())
-        if nonzero.size == 0:
-            raise IPMNError(f"segment '{segment.GetName()}' is empty")
-        extent = image.GetExtent()
-        lo = nonzero.min(axis=0)[::-1] + np.array(extent[0::2]) - 0.5
-        hi = nonzero.max(axis=0)[::-1] + np.array(extent[0::2]) + 0.5
-        matrix = vtk.vtkMatrix4x4()
-        image.GetImageToWorldMatrix(matrix)
-        m = np.array([[matrix.GetElement(i, j) for j in range(4)] for i in range(4)])
-        corners = np.array([[x, y, z, 1.0] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
-        # GetSegmentBinaryLabelmapRepresentation applies the segmentation's parent transform already
-        # (applyParentTransform=True): the image-to-world matrix gives world RAS, nothing more to apply.
-        points = (m @ corners.T).T[:, :3]
-        return np.array([points[:, 0].min(), points[:, 0].max(), points[:, 1].min(), points[:, 1].max(),
-                         points[:, 2].min(), points[:, 2].max()])
-
-    @staticmethod
-    def pancreasSegmentID(segmentationNode) -> str:
-        """The segment to offer for 'ROI from segmentation': one named pancreas (TotalSegmentator's name),
-        else the first segment ('' when there is none)."""
-        if segmentationNode is None:
-            return ""
-        segmentation = segmentationNode.GetSegmentation()
-        ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
-        names = {i: (segmentation.GetSegment(i).GetName() or "").strip().lower() for i in ids}
-        for wanted in (lambda n: n == "pancreas", lambda n: "pancreas" in n and "duct" not in n):
-            match = next((i for i in ids if wanted(names[i])), None)
-            if match:
-                return match
-        return ids[0] if ids else ""
-
-    def roiFromSegment(self, segmentationNode, segmentID: str, marginMm: float = 10.0, roiNode=None,
-                       referenceVolume=None, name: str = "IPMN ROI"):
-        """An ROI = the segment's bounding box plus ``marginMm`` on every side (axis-aligned in RAS)."""
-        bounds = self.segmentBoundsRAS(segmentationNode, segmentID)
-        center = [(bounds[2 * i] + bounds[2 * i + 1]) / 2.0 for i in range(3)]
-        size = [bounds[2 * i + 1] - bounds[2 * i] + 2.0 * float(marginMm) for i in range(3)]
-        transformNode = referenceVolume.GetParentTransformNode() if referenceVolume is not None else None
-        if transformNode is not None:
-            # Box corners into the reference's space, then their bounds there.
-            corners = np.array([[x, y, z] for x in bounds[0:2] for y in bounds[2:4] for z in bounds[4:6]])
-            local = _transformPoints(corners, None, transformNode)
-            lo, hi = local.min(axis=0), local.max(axis=0)
-            center = _transformPoints([(lo + hi) / 2.0], transformNode, None)[0]
-            size = list(hi - lo + 2.0 * float(marginMm))
-        return self.createRoi(center=center, size=size, referenceVolume=referenceVolume, name=name, roiNode=roiNode)
 
 
 class AsyncPrediction:

@@ -2,7 +2,9 @@
 curves (plot chart nodes), the results table from ``metrics.json`` and registering the trained model.
 
 The engine process is started with the classifier's process helpers (both modules are installed in the same
-folder, so ``IPMNClassifierLib`` and ``ipmn`` are importable here).
+folder, so ``IPMNClassifierLib`` and ``ipmn`` are importable here). Presets and the values the panel sends
+are in :mod:`IPMNTrainerLib.presets`. About 600 lines: the options, the command, the progress and the
+results of one run belong together; each class is short.
 """
 
 from __future__ import annotations
