@@ -324,7 +324,7 @@ def test_a_different_run_in_the_folder_is_refused(cv_run, tmp_path):
     with pytest.raises(IPMNError, match="different cv run"):
         run_cv(cv_run["cases"], other, run)
     # --resume continues the stored run with its own settings: everything is finished already
-    out = run_cv(cv_run["cases"], other, run, resume=True, report=False)
+    out = run_cv(cv_run["cases"], other, run, resume=True, make_report=False)
     assert out["complete"]
     foreign = tmp_path / "foreign"
     foreign.mkdir()

@@ -238,7 +238,7 @@ def cmd_cv(args) -> int:
     out = run_cv(cases, cfg, args.out, models=args.models, modalities=args.modalities, fusions=args.fusion,
                  fold=args.fold, device=_device(args), progress=progress, resume=args.resume,
                  overwrite=args.overwrite, cohort_spec=Path(cohort).resolve(), cohort_info=cohort_info(cohort),
-                 report=not args.no_report, splits=splits)
+                 make_report=not args.no_report, splits=splits)
     if args.progress == "jsonl":
         progress.done(args.out, complete=out["complete"])
     else:

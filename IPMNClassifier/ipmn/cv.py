@@ -311,7 +311,7 @@ def _examples(fold_dir: Path, model, test_cases, arrays, probs, variant, n: int,
 # ------------------------------------------------------------------------------------------------ the run
 def run_cv(cases, config, run_dir, models=None, modalities=None, fusions=None, fold: int | None = None,
            device: str = "cpu", progress=None, resume: bool = False, overwrite: bool = False,
-           cohort_spec=None, cohort_info: dict | None = None, report: bool = True, splits: dict | None = None) -> dict:
+           cohort_spec=None, cohort_info: dict | None = None, make_report: bool = True, splits: dict | None = None) -> dict:
     """Nested CV over ``cases``; returns ``{"run_dir", "variants", "results", "complete"}``.
 
     ``config``: raw or resolved config (its ``cv`` section gives outer/inner/seed/...). ``fold``: run only
@@ -409,7 +409,7 @@ def run_cv(cases, config, run_dir, models=None, modalities=None, fusions=None, f
                    for v in variants for k in range(n_folds))
     out = {"run_dir": str(run_dir), "variants": [v["name"] for v in variants], "complete": complete,
            "results": {f"{n}/fold_{k}": r.get("metrics") for (n, k), r in results.items()}}
-    if rank == 0 and report:
+    if rank == 0 and make_report:
         from ipmn.report import write_report
 
         out["report"] = write_report(run_dir, progress=progress)
