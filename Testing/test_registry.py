@@ -150,6 +150,26 @@ def test_format_metrics_accepts_numbers_and_mean_std():
     assert registry.format_metrics(None) == ""
 
 
+def test_model_picker_shows_the_most_honest_metrics_and_says_what_they_are():
+    validation = {"accuracy": 0.89, "balanced_accuracy": 0.89, "selection_biased": True}
+    cv = {"summary": {"accuracy": {"mean": 0.52, "std": 0.11}}}
+    held_out = {"cohort": "90 fresh phantoms (seed 77)", "metrics": {"accuracy": 0.63}}
+    metrics, source = registry.honest_metrics({"validation": validation})
+    assert metrics is validation and "optimistic" in source
+    metrics, source = registry.honest_metrics({"validation": validation, "cv_metrics": cv})
+    assert metrics is cv and "cross-validation" in source
+    metrics, source = registry.honest_metrics({"validation": validation, "cv_metrics": cv, "evaluation": held_out})
+    assert metrics == {"accuracy": 0.63} and "held-out" in source and "seed 77" in source
+    assert registry.honest_metrics({}) == ({}, "")
+
+
+def test_the_shipped_demo_model_is_not_advertised_with_its_selection_metrics():
+    info = registry.model_info(Path(__file__).resolve().parents[1] / "Resources" / "DemoModel", source="bundled")
+    text = info.summary()
+    assert "Metrics (" in text and info.metrics_source
+    assert "optimistic" not in info.metrics_source, text  # the demo model has honest numbers (CV or held-out)
+
+
 def test_registry_is_pure_python():
     source = Path(registry.__file__).read_text(encoding="utf-8")
     for name in ("slicer", "qt", "vtk", "torch", "ctk"):

@@ -82,6 +82,7 @@ class ModelInfo:
     card: str = ""
     trained_on: str = ""
     metrics: dict = field(default_factory=dict)
+    metrics_source: str = ""  # what the metrics were measured on (held-out cohort, nested CV, validation)
     members: list = field(default_factory=list)  # package folders (one for a single model)
     valid: bool = True
     problem: str = ""
@@ -122,7 +123,8 @@ class ModelInfo:
             lines.append(f"Trained on: {self.trained_on}")
         metric_text = format_metrics(self.metrics)
         if metric_text:
-            lines.append(f"Metrics: {metric_text}")
+            lines.append(f"Metrics ({self.metrics_source}): {metric_text}" if self.metrics_source
+                         else f"Metrics: {metric_text}")
         if self.card:
             lines.append(self.card)
         return "\n".join(lines)
@@ -154,6 +156,24 @@ def format_metrics(metrics) -> str:
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             parts.append(f"{key} {value:.2f}")
     return ", ".join(parts)
+
+
+def honest_metrics(config: dict) -> tuple[dict, str]:
+    """The metrics a model picker should show, and what they were measured on, best evidence first:
+    ``evaluation`` (``ipmn evaluate`` on a cohort the model never saw), ``cv_metrics`` (nested CV: mean ±
+    std over outer folds), else the validation split that chose the epoch — labelled as optimistic,
+    since those cases picked the epoch. A bare ``metrics`` entry is read as such a validation result."""
+    evaluation = config.get("evaluation")
+    if isinstance(evaluation, dict) and isinstance(evaluation.get("metrics"), dict):
+        what = evaluation.get("cohort") or "a held-out cohort"
+        return evaluation["metrics"], f"held-out: {what}"
+    cv = config.get("cv_metrics")
+    if isinstance(cv, dict) and isinstance(cv.get("summary"), dict):
+        return cv, "nested cross-validation, mean±std over outer folds"
+    for key in ("validation", "metrics"):
+        if isinstance(config.get(key), dict) and format_metrics(config[key]):
+            return config[key], "validation cases that chose the epoch: optimistic"
+    return {}, ""
 
 
 def _trained_on_text(config: dict) -> str:
@@ -286,6 +306,7 @@ def model_info(folder, source: str = "user", name: str | None = None) -> ModelIn
                          members=members, valid=False, problem=str(exc))
     arch = config.get("arch") or (config.get("model") or {}).get("arch", "")
     display = name or ensemble_name or config.get("name") or folder.name
+    metrics, metrics_source = honest_metrics(config)
     return ModelInfo(
         id=f"{source}:{_slug(folder.name if source != 'reference' else str(folder))}",
         name=str(display),
@@ -295,7 +316,8 @@ def model_info(folder, source: str = "user", name: str | None = None) -> ModelIn
         class_names=list(config.get("class_names") or []),
         card=_summarize_card(config.get("card")),
         trained_on=_trained_on_text(config),
-        metrics=config.get("metrics") if isinstance(config.get("metrics"), dict) else {},
+        metrics=metrics,
+        metrics_source=metrics_source,
         members=members,
     )
 

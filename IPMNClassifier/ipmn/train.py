@@ -556,9 +556,8 @@ class Trainer:
             "trained_on": trained_on,
             "cohort": {"description": trained_on, "train": cohort,
                        "validation": summarize(val_cases) if val_cases else None, **dict(info)},
-            "validation": val_metrics,
-            "metrics": {k: val_metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc")}
-            if val_metrics else {},
+            # the validation split chose the epoch: its numbers are optimistic, and the registry says so
+            "validation": dict(val_metrics, selection_biased=True) if val_metrics else None,
             "card": _card(self.cohort_info, len(self.cases), mcfg),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             **self.package_extra,
