@@ -87,7 +87,7 @@ class Predictor:
         probs, maps = [], []
         for forward, inverse in transforms:
             with self._autocast():
-                logits, sal = explain(model, forward(x))
+                logits, sal = explain(model, forward(x), k=self.k)
             probs.append(torch.softmax(logits.float(), dim=-1))
             maps.append(inverse(sal.float()))
         return torch.stack(probs).mean(0), torch.stack(maps).mean(0)
