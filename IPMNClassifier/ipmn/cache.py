@@ -44,7 +44,7 @@ from ipmn.io import atomic_path, write_json
 
 CACHE_VERSION = 1
 # Options applied after the cached stage: they do not enter the key.
-_POST_CACHE = ("standardize", "scale01", "scale_percentiles")
+_POST_CACHE = ("standardize", "scale01", "scale_percentiles", "version")
 _STATS = {"hits": 0, "misses": 0, "corrupt": 0, "build_s": 0.0}
 _LOCK = threading.Lock()
 
@@ -296,4 +296,6 @@ def fit_landmarks(raws: list[np.ndarray], modalities) -> dict:
     """Nyúl landmarks per modality, learned on the given (training) grids after z-scoring."""
     from ipmn.preprocess import NyulStandardizer, zscore
 
-    return {m: NyulStandardizer().fit([zscore(r[i]) for r in raws]).to_dict() for i, m in enumerate(modalities)}
+    # standard scale 0-1: since rules version 2 the network sees Nyul's output as it is
+    return {m: NyulStandardizer(scale=(0.0, 1.0)).fit([zscore(r[i]) for r in raws]).to_dict()
+            for i, m in enumerate(modalities)}

@@ -43,7 +43,7 @@ def preprocess_of(config: dict) -> tuple[PreprocessConfig, dict | None]:
     pre = dict(config.get("preprocess") or {})
     landmarks = pre.pop("landmarks", None) or config.get("landmarks")
     pre.setdefault("cell", int(config.get("cell", 64)))
-    return PreprocessConfig.from_dict(pre), landmarks
+    return PreprocessConfig.from_package(pre), landmarks
 
 
 class Predictor:

@@ -1,5 +1,11 @@
 """Preprocessing as in the paper, each step optional: N4 bias-field correction → edge-preserving smoothing
-→ intensity standardisation (z-score inside the ROI, optional Nyúl landmarks) → 0–1 scaling, on the ROI grid.
+→ intensity standardisation on the ROI grid, one of: z-score inside the ROI, Nyúl landmarks learned on the
+training cohort, or per-case percentile 0–1 ("minmax") scaling.
+
+Each standardisation does what its name says (rules version 2). Version 1 (model packages written before
+the ``version`` key existed) followed z-score and Nyúl by the per-case 0–1 scaling whenever ``scale01``
+was set, which cancels the z-score exactly and partly undoes Nyúl; :meth:`PreprocessConfig.from_package`
+reads such packages with those old rules, so they predict exactly as they were trained.
 
 Only the part of each volume that covers the ROI plus a margin is touched: N4 is fitted on a shrunk copy
 of that crop and its smooth bias field evaluated directly on the ROI grid; the volume is resampled onto
@@ -22,6 +28,7 @@ from ipmn.grid import RoiGrid, coverage, crop_to_roi, make_roi_grid, resample_to
 from ipmn.roi import ROI
 
 MODALITIES = ("t1", "t2")
+STANDARDIZATIONS = ("zscore", "nyul", "minmax", "none")
 
 
 @dataclass
@@ -37,10 +44,11 @@ class PreprocessConfig:
     smoothing_iterations: int = 5
     smoothing_conductance: float = 1.0
     antialias: bool = True  # Gaussian prefilter when the grid is much coarser than the volume
-    standardize: str = "zscore"  # "zscore" | "nyul" | "none"
-    scale01: bool = True
+    standardize: str = "zscore"  # "zscore" | "nyul" | "minmax" (per-case percentile 0-1) | "none"
+    scale01: bool = False  # version 2: only the old spelling of minmax (standardize: none + scale01: true)
     scale_percentiles: tuple = (0.5, 99.5)
     min_coverage: float = 0.5  # refuse a modality that covers less of the ROI grid than this
+    version: int = 2  # standardisation rules; 1 = before z-score/Nyul stopped being followed by 0-1 scaling
 
     @classmethod
     def from_dict(cls, d: dict | None) -> PreprocessConfig:
@@ -53,13 +61,30 @@ class PreprocessConfig:
             if key in d and d[key] is not None:
                 d[key] = tuple(d[key])
         cfg = cls(**d)
+        if cfg.version not in (1, 2):
+            raise IPMNError(f"preprocessing: version must be 1 or 2 (got {cfg.version!r})")
+        names = ("zscore", "nyul", "none") if cfg.version == 1 else STANDARDIZATIONS
+        if cfg.standardize not in names:
+            raise IPMNError(f"preprocessing: standardize must be one of {', '.join(names)} (got {cfg.standardize!r})")
+        if cfg.version == 2 and cfg.scale01 and cfg.standardize in ("zscore", "nyul"):
+            raise IPMNError(
+                f"preprocessing: scale01 would rescale every case to 0-1 after {cfg.standardize} and undo it; "
+                "use standardize: minmax for 0-1 scaling, or scale01: false"
+            )
         if cfg.smoothing not in ("curvature", "gradient", "none"):
             raise IPMNError(f"preprocessing: smoothing must be curvature, gradient or none (got {cfg.smoothing!r})")
-        if cfg.standardize not in ("zscore", "nyul", "none"):
-            raise IPMNError(f"preprocessing: standardize must be zscore, nyul or none (got {cfg.standardize!r})")
         if cfg.cell < 8:
             raise IPMNError(f"preprocessing: cell must be at least 8 pixels (got {cfg.cell})")
         return cfg
+
+    @classmethod
+    def from_package(cls, d: dict | None) -> PreprocessConfig:
+        """The preprocessing recorded in a model package. Packages without ``version`` predate rules
+        version 2 and are read with the old rules and the old defaults (``scale01`` was true)."""
+        d = dict(d or {})
+        if "version" not in d:
+            d = {"standardize": "zscore", "scale01": True, **d, "version": 1}
+        return cls.from_dict(d)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -241,6 +266,12 @@ def filtered_on_grid(image: sitk.Image, roi: ROI, grid: RoiGrid, cfg: Preprocess
 
 
 def standardize_array(array: np.ndarray, modality: str, cfg: PreprocessConfig, landmarks: dict | None = None) -> np.ndarray:
+    """One modality's grid standardised as ``cfg`` says.
+
+    Version 2: ``zscore`` → mean 0, sd 1 over the ROI grid; ``nyul`` → the training cohort's landmarks
+    (their standard scale); ``minmax`` (or ``none`` + ``scale01``) → per-case percentiles to 0–1, clipped;
+    ``none`` → unchanged. Version 1 (old packages): z-score / Nyúl, then 0–1 scaling when ``scale01``.
+    """
     if cfg.standardize in ("zscore", "nyul"):
         array = zscore(array)
     if cfg.standardize == "nyul":
@@ -248,7 +279,7 @@ def standardize_array(array: np.ndarray, modality: str, cfg: PreprocessConfig, l
         if not spec:
             raise IPMNError(f"Nyul standardisation: no landmarks for {modality.upper()} in the model/config")
         array = NyulStandardizer.from_dict(spec).transform(array)
-    if cfg.scale01:
+    if cfg.standardize == "minmax" or (cfg.scale01 and (cfg.version == 1 or cfg.standardize == "none")):
         array = scale01(array, cfg.scale_percentiles)
     return array.astype(np.float32)
 
