@@ -76,6 +76,33 @@ class Predictor:
         self.class_names = list(first.get("class_names") or CLASS_NAMES)
 
     # ------------------------------------------------------------------------------------------
+    def prepare(self, t1=None, t2=None, roi=None, mask=None, margin_mm: float = 10.0, nonfinite: str = "refuse",
+                progress=None) -> dict:
+        """Read one case and preprocess it as every loaded model needs (no torch: safe in a worker thread)."""
+        report = progress or (lambda stage, fraction: None)
+        timing: dict[str, float] = {}
+        t0 = time.perf_counter()
+        report("read", 0.05)
+        volumes, box = load_inputs(t1, t2, roi, mask, self.modalities, margin_mm, nonfinite)
+        timing["read"] = time.perf_counter() - t0
+
+        # Preprocess once per distinct preprocessing (fold models may carry their own Nyúl landmarks).
+        report("preprocess", 0.2)
+        t = time.perf_counter()
+        grids: dict[str, object] = {}
+        per_model_case = []
+        for config in self.configs:
+            cfg, landmarks = preprocess_of(config)
+            key = json.dumps([cfg.to_dict(), landmarks], sort_keys=True)
+            if key not in grids:
+                grids[key] = prepare_case(volumes, box, cfg, self.modalities, landmarks)
+            per_model_case.append(grids[key])
+        timing["preprocess_wall"] = time.perf_counter() - t  # T1 and T2 run side by side: < sum of stages
+        for name, seconds in per_model_case[0].timing.items():
+            stage = name.split("_", 1)[-1]
+            timing[stage] = timing.get(stage, 0.0) + seconds
+        return {"volumes": volumes, "box": box, "cases": per_model_case, "timing": timing}
+
     def _autocast(self):
         return autocast(self.precision, self.device)
 
@@ -108,30 +135,17 @@ class Predictor:
         levels=DEFAULT_LEVELS,
         fidelity: bool = False,
         progress=None,
+        prepared: dict | None = None,
     ) -> dict:
+        """Predict one case. ``prepared`` (from :meth:`prepare`) skips reading and preprocessing, so a
+        batch can preprocess the next case while the model runs on this one (``ipmn evaluate``)."""
         report = progress or (lambda stage, fraction: None)
-        timing: dict[str, float] = {}
         t0 = time.perf_counter()
-        report("read", 0.05)
-        volumes, box = load_inputs(t1, t2, roi, mask, self.modalities, margin_mm, nonfinite)
-        timing["read"] = time.perf_counter() - t0
-
-        # Preprocess once per distinct preprocessing (fold models may carry their own Nyúl landmarks).
-        report("preprocess", 0.2)
-        t = time.perf_counter()
-        grids: dict[str, object] = {}
-        per_model_case = []
-        for config in self.configs:
-            cfg, landmarks = preprocess_of(config)
-            key = json.dumps([cfg.to_dict(), landmarks], sort_keys=True)
-            if key not in grids:
-                grids[key] = prepare_case(volumes, box, cfg, self.modalities, landmarks)
-            per_model_case.append(grids[key])
+        if prepared is None:
+            prepared = self.prepare(t1, t2, roi, mask, margin_mm, nonfinite, report)
+        volumes, box, per_model_case = prepared["volumes"], prepared["box"], prepared["cases"]
+        timing: dict[str, float] = dict(prepared["timing"])
         case = per_model_case[0]
-        timing["preprocess_wall"] = time.perf_counter() - t  # T1 and T2 run side by side: < sum of stages
-        for name, seconds in case.timing.items():
-            stage = name.split("_", 1)[-1]
-            timing[stage] = timing.get(stage, 0.0) + seconds
 
         report("model", 0.5)
         t = time.perf_counter()
@@ -181,6 +195,7 @@ class Predictor:
         labels = attention_labels(sitk.GetArrayViewFromImage(heat), inside, levels)
         label_img = sitk.GetImageFromArray(labels)
         label_img.CopyInformation(reference)
+        self.last_maps = {"attention": heat, "inside": inside}  # for ipmn evaluate's localisation
         timing["maps"] = time.perf_counter() - t
 
         uncertainty = {
