@@ -151,6 +151,9 @@ def _check_cases(cases, predictor) -> None:
     missing = [f"{c.case_id} ({m.upper()})" for c in cases for m in predictor.modalities if not c.has(m)]
     if missing:
         raise IPMNError(f"{len(missing)} case(s) lack a modality the model needs: {', '.join(missing[:10])}")
+    unknown = sorted({c.label_name for c in cases if c.label >= 0} - set(predictor.class_names))
+    if unknown:
+        raise IPMNError(f"the cohort has label(s) {unknown} that the model's classes {predictor.class_names} lack")
 
 
 def evaluate(cohort, models, out, windows: str = "central", tta: bool = False, device: str = "auto",
