@@ -182,6 +182,11 @@ def test_evaluate_labelled_cohort_with_lesions(cohort, predictor, tmp_path, one_
     report = (out / "report.html").read_text()
     assert report.count("data:image/png;base64,") == 2 and "src='http" not in report
     assert (out / "cases" / rows[0]["case_id"] / "attention.nii.gz").is_file()
+    # prefetching the next case changes nothing: the same case through Predictor.predict alone
+    base = manifest.parent
+    alone = predictor.predict(base / rows[1]["t1"], base / rows[1]["t2"], base / rows[1]["roi"])
+    assert [float(got[1][f"p_{n}"]) for n in ("normal", "low", "high")] == pytest.approx(
+        [alone["probabilities"][n] for n in ("normal", "low", "high")], abs=1e-5)
 
 
 def test_evaluate_without_labels_is_a_batch_predict(cohort, predictor, tmp_path, one_torch_thread):
