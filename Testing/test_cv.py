@@ -300,6 +300,45 @@ def test_fold_packages_apply_their_temperature_at_prediction(cv_run):
     assert any(abs(t - 1.0) > 0.05 for t in temperatures), temperatures
 
 
+def test_choices_do_not_depend_on_the_outer_test_fold(cases, tmp_path_factory):
+    """Leakage invariance: give the outer test cases of fold 0 other images and other labels. Everything
+    chosen for that fold (epoch, temperature, Nyul landmarks, class weights, the inner cases) must stay the
+    same; each of those would change if it were computed on the whole cohort."""
+    import dataclasses
+
+    from ipmn.cv import run_cv
+    from ipmn.splits import make_splits
+
+    cfg = tiny(tmp_path_factory, windows_per_case=None, window_stride=2)  # counts follow each ROI's slices
+    cfg["preprocess"]["standardize"] = "nyul"
+    cfg["cv"]["examples"] = 0
+    splits = make_splits(cases, outer=2, inner=2, seed=3)
+    test_ids = set(splits["folds"][0]["test"])
+    donor = next(c for c in cases if c.case_id not in test_ids and c.label == 0)
+    # every outer test case now shows the same normal phantom and is labelled high risk
+    changed = [dataclasses.replace(c, t1=donor.t1, t2=donor.t2, roi=donor.roi, mask=donor.mask, label=2)
+               if c.case_id in test_ids else c for c in cases]
+    assert sum(c.label == 2 for c in changed) > sum(c.label == 2 for c in cases)  # whole-cohort counts differ
+    changed_splits = copy.deepcopy(splits)
+    for entry in changed_splits["cases"]:
+        if entry["case_id"] in test_ids:
+            entry["label"] = 2
+
+    chosen = []
+    for name, cohort, sp in (("original", cases, splits), ("changed", changed, changed_splits)):
+        run = tmp_path_factory.mktemp(f"leak-{name}") / "run"
+        run_cv(cohort, cfg, run, fold=0, splits=sp, make_report=False)
+        fold = run / "vit_tiny_patch16_224" / "fold_0"
+        sel = json.loads((fold / "selection.json").read_text())
+        final = json.loads((fold / "final" / "summary.json").read_text())
+        assert final["landmarks"], "nyul landmarks were fitted"
+        chosen.append({"epoch": sel["selected"], "temperature": round(sel["temperature"], 6),
+                       "inner": sel["inner_used"], "landmarks": final["landmarks"],
+                       "class_weights": final["class_weights"], "train": sorted(final["train_cases"])})
+    assert chosen[0]["class_weights"] and len(set(chosen[0]["class_weights"])) > 1  # not all weights 1
+    assert chosen[0] == chosen[1]
+
+
 def test_finished_folds_are_not_recomputed_and_report_merges(cv_run, tmp_path_factory):
     from ipmn.cv import run_cv
 

@@ -170,15 +170,69 @@ def test_forced_attention_rollout_peaks_at_chosen_patch():
     assert float(maps.min()) == 0.0 and float(maps.max()) == 1.0
 
 
-def test_explain_vit_upsamples_rollout_bilinear(tiny_vit, grid_batch):
+def per_cell_bilinear(grid, k=9, size=192):
+    """Reference: each cell's own block of the coarse map, bilinearly upsampled on its own (F.interpolate)."""
+    m = int(k**0.5)
+    gh, gw = grid.shape[-2] // m, grid.shape[-1] // m
+    c = size // m
+    out = torch.zeros(*grid.shape[:-2], size, size)
+    for i in range(m):
+        for j in range(m):
+            block = grid[..., i * gh : (i + 1) * gh, j * gw : (j + 1) * gw]
+            out[..., i * c : (i + 1) * c, j * c : (j + 1) * c] = F.interpolate(
+                block, size=(c, c), mode="bilinear", align_corners=False
+            )
+    return out
+
+
+def test_explain_vit_upsamples_rollout_cell_by_cell(tiny_vit, grid_batch):
     logits, maps = explain(tiny_vit, grid_batch, method="auto")
     with torch.no_grad(), AttentionCapture(tiny_vit) as cap:
         want_logits = tiny_vit(grid_batch)
     grid = attention_rollout(cap.attentions).reshape(2, 1, 12, 12)
-    want = minmax_normalize(F.interpolate(grid, size=(192, 192), mode="bilinear", align_corners=False)[:, 0])
+    want = minmax_normalize(per_cell_bilinear(grid)[:, 0])
     assert torch.allclose(logits, want_logits, atol=1e-5)
-    assert torch.allclose(maps, want, atol=1e-5)
+    # a random model's rollout spans ~1e-4, so min-max scaling magnifies float32 rounding to ~2e-5;
+    # whole-image interpolation differs by up to ~0.5 near cell borders
+    assert torch.allclose(maps, want, atol=1e-4)
     assert not tiny_vit.training
+
+
+def test_hot_token_at_a_cell_edge_stays_on_its_slice():
+    """A token at the right edge of cell (1, 0) must put nothing into cell (1, 1), another slice.
+
+    Whole-image bilinear upsampling put ~48 % of the peak into the neighbouring cell's first 8 px.
+    """
+    patch = 12 * 5 + 3  # token row 5 (cell row 1), column 3 = the last token column of cell column 0
+    model = forced_attention_vit(patch)
+    _, maps = explain(model, torch.rand(1, 2, 192, 192))
+    own = maps[0, 64:128, 0:64]
+    neighbour = maps[0, 64:128, 64:128]
+    assert float(own.max()) == 1.0
+    background = float(maps[0, :, 128:].max())  # a cell far away: what "nothing" looks like here
+    assert float(neighbour.max()) <= background + 1e-6
+    assert float(neighbour[:, :8].mean()) < 0.02
+    # on the token's centre row the peak is held from the token's centre (px 56) up to the cell border
+    assert float(maps[0, 5 * 16 + 8, 56:64].min()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_upsample_weights_never_cross_cells():
+    from ipmn.cellmaps import cell_upsample_weights, upsample_cells
+
+    for n_in in (12, 11, 6, 5, 2):  # divisible and not (AlexNet's 11 x 11, a 5 x 5 map, coarser than cells)
+        w = cell_upsample_weights(192, n_in, 3)
+        assert torch.allclose(w.sum(1), torch.ones(192, dtype=w.dtype))
+        centres = (torch.arange(n_in) + 0.5) * 192 / n_in
+        for u in range(192):
+            used = w[u].nonzero().flatten()
+            cells = {int(c) // 64 for c in centres[used]}
+            if any(int(c) // 64 == u // 64 for c in centres):
+                assert cells == {u // 64}, (n_in, u, cells)
+    with pytest.raises(IPMNError, match="cells"):
+        cell_upsample_weights(190, 12, 3)
+    g = torch.rand(2, 1, 12, 12)
+    assert torch.allclose(upsample_cells(g, (192, 192), 1),
+                          F.interpolate(g, size=(192, 192), mode="bilinear", align_corners=False), atol=1e-6)
 
 
 def test_explain_late_fusion_averages_branches(grid_batch):
@@ -190,8 +244,21 @@ def test_explain_late_fusion_averages_branches(grid_batch):
         with torch.no_grad(), AttentionCapture(branch) as cap:
             branch(grid_batch[:, i : i + 1])
         grids.append(attention_rollout(cap.attentions).reshape(2, 1, 12, 12))
-    want = F.interpolate((grids[0] + grids[1]) / 2, size=(192, 192), mode="bilinear", align_corners=False)
-    assert torch.allclose(maps, minmax_normalize(want[:, 0]), atol=1e-5)
+    want = per_cell_bilinear((grids[0] + grids[1]) / 2)
+    assert torch.allclose(maps, minmax_normalize(want[:, 0]), atol=1e-4)
+
+
+def test_rollout_refuses_pooled_patch_token_heads(tiny_vit):
+    """A class token that the head does not read: its attention does not explain the prediction."""
+    tiny_vit.global_pool = "avg"
+    try:
+        with pytest.raises(IPMNError, match="global_pool='avg'"):
+            explain(tiny_vit, torch.rand(1, 2, 192, 192))
+    finally:
+        tiny_vit.global_pool = "token"
+    explain(tiny_vit, torch.rand(1, 2, 192, 192))  # class-token head: accepted
+    with pytest.raises(IPMNError, match="pooled patch tokens"):  # refused when the model is built
+        build_model(dict(arch="beit3_base_patch16_224", depth=1, embed_dim=48, num_heads=3))
 
 
 def test_explain_refuses_bad_inputs(tiny_vit):
@@ -288,6 +355,25 @@ def test_gradcam_leaves_model_clean_and_is_per_sample(square_cnn):
     assert not square_cnn.training
     with pytest.raises(IPMNError, match="Rollout"):
         explain(square_cnn, x, method="rollout")
+
+
+def test_gradcam_upsamples_cell_by_cell(square_cnn):
+    """Grad-CAM's 6 x 6 map is upsampled within each cell, like rollout (MONAI's own raw map as input)."""
+    from monai.visualize import GradCAM
+
+    x = planted(24, 40)  # square straddling pixel 64: the raw map is hot on both sides of the border
+    _, maps = explain(square_cnn, x, class_idx=1)
+    raw = GradCAM(nn_module=square_cnn, target_layers=GRADCAM_TARGET_LAYERS["resnet18"]).compute_map(
+        x.clone().requires_grad_(True), class_idx=1
+    )
+    assert raw.shape[-2:] == (6, 6)
+    want = minmax_normalize(per_cell_bilinear(raw.detach())[:, 0])
+    assert torch.allclose(maps, want, atol=1e-5)
+    whole = minmax_normalize(F.interpolate(raw.detach(), size=(192, 192), mode="bilinear")[:, 0])
+    assert not torch.allclose(maps, whole, atol=1e-3)  # the old whole-image upsampling differs
+    for hook_owner in dict(square_cnn.named_modules()).values():  # MONAI hooks from the reference removed
+        hook_owner._forward_hooks.clear()
+        hook_owner._backward_hooks.clear()
 
 
 def test_deletion_curve_saliency_beats_random(square_cnn):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from ipmn.config import PreprocessConfig
 from ipmn.grid import (
     case_windows,
     make_roi_grid,
@@ -19,7 +20,7 @@ from ipmn.grid import (
     untile,
     window_to_roi,
 )
-from ipmn.preprocess import PreprocessConfig, prepare_case
+from ipmn.preprocess import prepare_case
 from ipmn.roi import RAS_TO_LPS, ROI
 
 RAW = PreprocessConfig(n4=False, smoothing="none", antialias=False, standardize="none", scale01=False)

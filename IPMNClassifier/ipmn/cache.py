@@ -45,7 +45,7 @@ from ipmn.vocab import sha256_file
 
 CACHE_VERSION = 1
 # Options applied after the cached stage: they do not enter the key.
-_POST_CACHE = ("standardize", "scale01", "scale_percentiles")
+_POST_CACHE = ("standardize", "scale01", "scale_percentiles", "version")
 _STATS = {"hits": 0, "misses": 0, "corrupt": 0, "build_s": 0.0}
 _LOCK = threading.Lock()
 
@@ -87,7 +87,7 @@ class GridCache:
 
     def __init__(self, preprocess, modalities=("t1", "t2"), cache_dir=None, roi_margin_mm: float = 10.0,
                  nonfinite: str = "refuse"):
-        from ipmn.preprocess import PreprocessConfig
+        from ipmn.config import PreprocessConfig
 
         self.cfg = preprocess if isinstance(preprocess, PreprocessConfig) else PreprocessConfig.from_dict(preprocess)
         self.modalities = tuple(modalities)
@@ -289,4 +289,6 @@ def fit_landmarks(raws: list[np.ndarray], modalities) -> dict:
     """Nyúl landmarks per modality, learned on the given (training) grids after z-scoring."""
     from ipmn.preprocess import NyulStandardizer, zscore
 
-    return {m: NyulStandardizer().fit([zscore(r[i]) for r in raws]).to_dict() for i, m in enumerate(modalities)}
+    # standard scale 0-1: since rules version 2 the network sees Nyul's output as it is
+    return {m: NyulStandardizer(scale=(0.0, 1.0)).fit([zscore(r[i]) for r in raws]).to_dict()
+            for i, m in enumerate(modalities)}

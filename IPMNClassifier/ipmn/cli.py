@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ipmn import cli_train
 
     cli_train.register(sub)  # train, cv, cv-report
+    from ipmn import evaluate
+
+    evaluate.register(sub)
 
     p = sub.add_parser("cohort", help="validate a cohort (manifest CSV or Cyst-X folder) and print its summary")
     p.add_argument("cohort")

@@ -20,7 +20,7 @@ from ipmn.errors import IPMNError
 from ipmn.vocab import CLASS_NAMES, looks_like_box
 
 REQUIRED = ("case_id", "t1", "t2", "roi", "label")
-OPTIONAL = ("center", "patient_id", "mask")
+OPTIONAL = ("center", "patient_id", "mask", "lesion")
 LABEL_ALIASES = {
     "normal": 0, "0": 0, "none": 0, "no risk": 0,
     "low": 1, "1": 1, "low risk": 1, "low-risk": 1, "lgd": 1,
@@ -39,10 +39,11 @@ class Case:
     patient_id: str = ""
     mask: Path | None = None
     extra: dict = field(default_factory=dict)
+    lesion: Path | None = None  # label volume, nonzero = lesion, any geometry (``ipmn evaluate``)
 
     @property
     def label_name(self) -> str:
-        return (self.extra.get("class_names") or CLASS_NAMES)[self.label]
+        return (self.extra.get("class_names") or CLASS_NAMES)[self.label] if self.label >= 0 else ""
 
     def has(self, modality: str) -> bool:
         return getattr(self, modality) is not None
@@ -52,8 +53,12 @@ def parse_label(value: str) -> int | None:
     return LABEL_ALIASES.get(str(value).strip().lower())
 
 
-def load_manifest(path: str | os.PathLike, modalities=("t1", "t2")) -> list[Case]:
-    """Read and validate a manifest; every problem is listed in one IPMNError."""
+def load_manifest(path: str | os.PathLike, modalities=("t1", "t2"), require_labels: bool = True) -> list[Case]:
+    """Read and validate a manifest; every problem is listed in one IPMNError.
+
+    ``require_labels=False``: a manifest without a ``label`` column, or with every label empty, gives
+    cases with ``label = -1`` (unlabelled); a partly labelled manifest is still an error.
+    """
     path = Path(path)
     if not path.is_file():
         raise IPMNError(f"cohort manifest not found: {path}")
@@ -64,7 +69,9 @@ def load_manifest(path: str | os.PathLike, modalities=("t1", "t2")) -> list[Case
             rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise IPMNError(f"cohort manifest {path} cannot be read as CSV: {exc}") from exc
-    missing_cols = [c for c in REQUIRED if c not in header and not (c == "roi" and "mask" in header)]
+    labelled = require_labels or any(row.get("label") for row in rows)
+    missing_cols = [c for c in REQUIRED if c not in header and not (c == "roi" and "mask" in header)
+                    and not (c == "label" and not labelled)]
     if missing_cols:
         raise IPMNError(f"cohort manifest {path}: missing column(s) {missing_cols}; required: {list(REQUIRED)}")
     root = path.parent
@@ -80,7 +87,7 @@ def load_manifest(path: str | os.PathLike, modalities=("t1", "t2")) -> list[Case
             problems.append(f"{where}: duplicate case_id (first on line {seen[cid]})")
         else:
             seen[cid] = line
-        label = parse_label(row.get("label", ""))
+        label = parse_label(row.get("label", "")) if labelled else -1
         if label is None:
             problems.append(f"{where}: unknown label {row.get('label', '')!r} (use normal|low|high or 0|1|2)")
 
@@ -110,10 +117,12 @@ def load_manifest(path: str | os.PathLike, modalities=("t1", "t2")) -> list[Case
                 roi = str(rp) if rp else None
         elif mask is None:
             problems.append(f"{where}: no roi and no mask given")
+        lesion = file_of("lesion", False) if row.get("lesion") else None
         extra = {k: v for k, v in row.items() if k not in REQUIRED + OPTIONAL}
         if label is not None and cid:
             cases.append(
-                Case(cid, label, t1, t2, roi, row.get("center", ""), row.get("patient_id", "") or cid, mask, extra)
+                Case(cid, label, t1, t2, roi, row.get("center", ""), row.get("patient_id", "") or cid, mask, extra,
+                     lesion)
             )
     if not rows:
         problems.append("the manifest has no cases")

@@ -229,6 +229,9 @@ MODEL_DEFAULTS = ModelConfig().to_dict()
 
 
 # ------------------------------------------------------------------------------------------------ preprocess
+STANDARDIZATIONS = ("zscore", "nyul", "minmax", "none")
+
+
 @dataclass
 class PreprocessConfig(Section):
     """Preprocessing on the ROI grid (see :mod:`ipmn.preprocess`)."""
@@ -245,21 +248,39 @@ class PreprocessConfig(Section):
     smoothing_iterations: int = 5
     smoothing_conductance: float = 1.0
     antialias: bool = True  # Gaussian prefilter when the grid is much coarser than the volume
-    standardize: str = "zscore"  # "zscore" | "nyul" | "none"
-    scale01: bool = True
+    standardize: str = "zscore"  # "zscore" | "nyul" | "minmax" (per-case percentile 0-1) | "none"
+    scale01: bool = False  # version 2: only the old spelling of minmax (standardize: none + scale01: true)
     scale_percentiles: tuple = (0.5, 99.5)
     min_coverage: float = 0.5  # refuse a modality that covers less of the ROI grid than this
+    version: int = 2  # standardisation rules; 1 = before z-score/Nyul stopped being followed by 0-1 scaling
 
     def validate(self) -> None:
         for key in ("n4_iterations", "scale_percentiles"):
             if getattr(self, key) is not None:
                 setattr(self, key, tuple(getattr(self, key)))
+        if self.version not in (1, 2):
+            raise IPMNError(f"preprocessing: version must be 1 or 2 (got {self.version!r})")
+        names = ("zscore", "nyul", "none") if self.version == 1 else STANDARDIZATIONS
+        if self.standardize not in names:
+            raise IPMNError(f"preprocessing: standardize must be one of {', '.join(names)} (got {self.standardize!r})")
+        if self.version == 2 and self.scale01 and self.standardize in ("zscore", "nyul"):
+            raise IPMNError(
+                f"preprocessing: scale01 would rescale every case to 0-1 after {self.standardize} and undo it; "
+                "use standardize: minmax for 0-1 scaling, or scale01: false"
+            )
         if self.smoothing not in ("curvature", "gradient", "none"):
             raise IPMNError(f"preprocessing: smoothing must be curvature, gradient or none (got {self.smoothing!r})")
-        if self.standardize not in ("zscore", "nyul", "none"):
-            raise IPMNError(f"preprocessing: standardize must be zscore, nyul or none (got {self.standardize!r})")
         if self.cell < 8:
             raise IPMNError(f"preprocessing: cell must be at least 8 pixels (got {self.cell})")
+
+    @classmethod
+    def from_package(cls, d: dict | None) -> PreprocessConfig:
+        """The preprocessing recorded in a model package. Packages without ``version`` predate rules
+        version 2 and are read with the old rules and the old defaults (``scale01`` was true)."""
+        d = dict(d or {})
+        if "version" not in d:
+            d = {"standardize": "zscore", "scale01": True, **d, "version": 1}
+        return cls.from_dict(d)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -293,7 +293,7 @@ def _examples(fold_dir: Path, model, test_cases, arrays, probs, variant, n: int,
             c = test_cases[i]
             starts, w = case_windows(arrays[c.case_id], k, "central", pad=True)
             x = torch.from_numpy(w[:1])
-            _, maps = explain(model, x.to(next(model.parameters()).device))
+            _, maps = explain(model, x.to(next(model.parameters()).device), k=k)
             dest = fold_dir / "examples" / f"{c.case_id}.png"
             title = (f"{c.case_id}: true {names[c.label]}, predicted {names[int(pred[i])]} "
                      f"(p={probs[i, int(pred[i])]:.2f}); slices {starts[0]}-{starts[0] + k - 1}")

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cellmaps import upsample_cells
 from .errors import IPMNError
 from .models.vit import LateFusionViT, is_vit, vit_blocks, vit_branches
 
@@ -216,7 +217,20 @@ def _class_indices(class_idx, batch: int, num_classes: int) -> list[int] | None:
     return idx
 
 
-def _rollout_maps(model, x, head_fusion, discard_ratio):
+def _require_class_token_head(model) -> None:
+    """Rollout reads the class token's row: it explains the prediction only when the head reads that token."""
+    for branch in vit_branches(model):
+        pool = getattr(branch, "global_pool", "token")
+        if pool != "token" or getattr(branch, "cls_token", None) is None:
+            raise IPMNError(
+                f"Attention Rollout needs a ViT that classifies from its class token (global_pool='token'); "
+                f"this one pools its patch tokens (global_pool={pool!r}), so the class token's attention "
+                "would not explain its prediction"
+            )
+
+
+def _rollout_maps(model, x, head_fusion, discard_ratio, k=9):
+    _require_class_token_head(model)
     was_training = model.training
     model.eval()
     try:
@@ -226,10 +240,10 @@ def _rollout_maps(model, x, head_fusion, discard_ratio):
     finally:
         model.train(was_training)
     with torch.autocast(x.device.type, enabled=False):  # the rollout products in fp32 even under bf16
-        return logits.detach(), _rollout_from(model, x, attentions, head_fusion, discard_ratio)
+        return logits.detach(), _rollout_from(model, x, attentions, head_fusion, discard_ratio, k)
 
 
-def _rollout_from(model, x, attentions, head_fusion, discard_ratio):
+def _rollout_from(model, x, attentions, head_fusion, discard_ratio, k=9):
     maps = []
     start = 0
     for branch in vit_branches(model):
@@ -243,11 +257,11 @@ def _rollout_from(model, x, attentions, head_fusion, discard_ratio):
             raise RuntimeError(f"rollout has {r.shape[1]} patch tokens, expected {gh}x{gw}")
         maps.append(r.reshape(-1, 1, gh, gw))
     grid = torch.stack(maps).mean(dim=0)  # late fusion: average of the branches' rollouts
-    up = F.interpolate(grid, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
+    up = upsample_cells(grid, tuple(x.shape[-2:]), k)  # cell by cell: no bleeding into other slices
     return minmax_normalize(up[:, 0])
 
 
-def _gradcam_maps(model, x, class_idx, target_layer):
+def _gradcam_maps(model, x, class_idx, target_layer, k=9):
     from monai.visualize import GradCAM
 
     from .models.cnn import gradcam_target_layer
@@ -266,7 +280,8 @@ def _gradcam_maps(model, x, class_idx, target_layer):
     outputs: list[torch.Tensor] = []
     handle = model.register_forward_hook(lambda _m, _i, out: outputs.append(out.detach()))
     try:
-        cam = GradCAM(nn_module=model, target_layers=layer_name, postprocessing=minmax_normalize)
+        cam = GradCAM(nn_module=model, target_layers=layer_name, postprocessing=minmax_normalize,
+                      upsampler=lambda size: lambda a: upsample_cells(a, size, k))
         maps = []
         # one sample at a time: MONAI's class score `logits[:, class_idx]` mixes samples when the
         # per-sample argmax differs within a batch
@@ -299,12 +314,15 @@ def explain(
     head_fusion: str = "mean",
     discard_ratio: float = 0.0,
     target_layer: str | None = None,
+    k: int = 9,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits ``(B, C)`` and saliency maps ``(B, H, W)`` in [0, 1] (per-sample min-max) for input ``x``.
 
-    ``method="auto"``: Attention Rollout for ViTs (token map bilinearly upsampled to H x W with
-    ``align_corners=False``; late fusion averages both branches' rollouts), Grad-CAM for CNNs (target
-    layer from ``ipmn.models.GRADCAM_TARGET_LAYERS`` unless ``target_layer`` is given). Rollout is
+    ``method="auto"``: Attention Rollout for ViTs (late fusion averages both branches' rollouts;
+    the model must classify from its class token), Grad-CAM for CNNs (target layer from
+    ``ipmn.models.GRADCAM_TARGET_LAYERS`` unless ``target_layer`` is given). ``x`` tiles ``k`` slices
+    (√k × √k cells): the coarse map is upsampled bilinearly *within each cell*
+    (:func:`ipmn.cellmaps.upsample_cells`), never across a cell border into another slice. Rollout is
     class-agnostic (``class_idx`` is only checked); Grad-CAM explains ``class_idx`` (int or one per
     sample; default: the predicted class). The model is evaluated in eval mode and left in its mode.
     """
@@ -319,10 +337,10 @@ def explain(
     if method == "rollout":
         if not vit:
             raise IPMNError("Attention Rollout needs a Vision Transformer; use method='gradcam' for CNNs")
-        return _rollout_maps(model, x, head_fusion, discard_ratio)
+        return _rollout_maps(model, x, head_fusion, discard_ratio, k)
     if vit:
         raise IPMNError("Grad-CAM is provided for CNNs; use method='rollout' for Vision Transformers")
-    return _gradcam_maps(model, x, idx, target_layer)
+    return _gradcam_maps(model, x, idx, target_layer, k)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -26,12 +26,13 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from ipmn.config import PreprocessConfig
 from ipmn.device import autocast, resolve_device, resolve_precision
 from ipmn.errors import IPMNError
 from ipmn.grid import case_windows, central_start, roi_to_reference, window_to_roi
 from ipmn.inputs import load_inputs
 from ipmn.io import geometry, write_image, write_json
-from ipmn.preprocess import PreprocessConfig, prepare_case
+from ipmn.preprocess import prepare_case
 from ipmn.vocab import (
     ATTENTION_FILE,
     ATTENTION_LABELS_FILE,
@@ -49,7 +50,7 @@ def preprocess_of(config: dict) -> tuple[PreprocessConfig, dict | None]:
     pre = dict(config.get("preprocess") or {})
     landmarks = pre.pop("landmarks", None) or config.get("landmarks")
     pre.setdefault("cell", int(config.get("cell", 64)))
-    return PreprocessConfig.from_dict(pre), landmarks
+    return PreprocessConfig.from_package(pre), landmarks
 
 
 def temperature_of(config: dict) -> float:
@@ -103,7 +104,7 @@ class Predictor:
         probs, maps = [], []
         for forward, inverse in transforms:
             with self._autocast():
-                logits, sal = explain(model, forward(x))
+                logits, sal = explain(model, forward(x), k=self.k)
             probs.append(torch.softmax(logits.float(), dim=-1))
             maps.append(inverse(sal.float()))
         return torch.stack(probs).mean(0), torch.stack(maps).mean(0)
@@ -124,22 +125,22 @@ class Predictor:
         levels=ATTENTION_LEVELS,
         fidelity: bool = False,
         progress=None,
+        prepared: dict | None = None,
     ) -> dict:
         """Grade one case; write the outputs to ``out`` (when given) and return ``prediction.json``'s content.
 
         ``progress``: an :class:`ipmn.progress.Progress` told each stage with the fraction done.
+        ``prepared`` (from :meth:`prepare`) skips reading and preprocessing, so that a batch can preprocess
+        the next case while the model runs on this one (``ipmn evaluate``).
         """
         from ipmn.progress import Progress
 
         progress = progress or Progress("none")
-        timing: dict[str, float] = {}
         t0 = time.perf_counter()
-        progress.stage("read", fraction=0.05)
-        volumes, box = load_inputs(t1, t2, roi, mask, self.modalities, margin_mm, nonfinite)
-        timing["read"] = time.perf_counter() - t0
-
-        progress.stage("preprocess", fraction=0.2)
-        per_model_case = self._preprocess(volumes, box, timing)
+        if prepared is None:
+            prepared = self.prepare(t1, t2, roi, mask, margin_mm, nonfinite, progress)
+        volumes, box, per_model_case = prepared["volumes"], prepared["box"], prepared["cases"]
+        timing: dict[str, float] = dict(prepared["timing"])
         case = per_model_case[0]
 
         progress.stage("model", fraction=0.5)
@@ -163,7 +164,8 @@ class Predictor:
         progress.stage("maps", fraction=0.8)
         t = time.perf_counter()
         reference = volumes[self.modalities[0]] if "t1" not in volumes else volumes["t1"]
-        heat, label_img = self._maps_in_reference(case, window_maps, starts, reference, levels)
+        heat, label_img, inside = self._maps_in_reference(case, window_maps, starts, reference, levels)
+        self.last_maps = {"attention": heat, "inside": inside}  # for ipmn evaluate's localisation
         timing["maps"] = time.perf_counter() - t
 
         result = self._result(mean_probs, model_probs, all_probs, pred, windows, stride, starts, case, tta, fid,
@@ -189,9 +191,19 @@ class Predictor:
                 out[i] = softmax(np.log(np.clip(out[i], 1e-12, 1.0))[None], t)[0]
         return out
 
-    def _preprocess(self, volumes, box, timing: dict) -> list:
-        """The case on its ROI grid, once per distinct preprocessing (fold models may carry their own Nyúl
-        landmarks); one entry per model."""
+    def prepare(self, t1=None, t2=None, roi=None, mask=None, margin_mm: float = 10.0, nonfinite: str = "refuse",
+                progress=None) -> dict:
+        """Read one case and put it on its ROI grid as every loaded model needs, once per distinct
+        preprocessing (fold models may carry their own Nyúl landmarks). No torch: safe in a worker thread."""
+        from ipmn.progress import Progress
+
+        progress = progress or Progress("none")
+        timing: dict[str, float] = {}
+        t0 = time.perf_counter()
+        progress.stage("read", fraction=0.05)
+        volumes, box = load_inputs(t1, t2, roi, mask, self.modalities, margin_mm, nonfinite)
+        timing["read"] = time.perf_counter() - t0
+        progress.stage("preprocess", fraction=0.2)
         t = time.perf_counter()
         grids: dict[str, object] = {}
         per_model_case = []
@@ -205,7 +217,7 @@ class Predictor:
         for name, seconds in per_model_case[0].timing.items():
             stage = name.split("_", 1)[-1]
             timing[stage] = timing.get(stage, 0.0) + seconds
-        return per_model_case
+        return {"volumes": volumes, "box": box, "cases": per_model_case, "timing": timing}
 
     def _infer(self, per_model_case, windows: str, stride: int, pad: bool, tta: bool):
         """Every model on its windows: (starts, first model's windows, [probs (W, C)], [maps (W, H, W)])."""
@@ -238,7 +250,7 @@ class Predictor:
         labels = attention_labels(sitk.GetArrayViewFromImage(heat), inside, levels)
         label_img = sitk.GetImageFromArray(labels)
         label_img.CopyInformation(reference)
-        return heat, label_img
+        return heat, label_img, inside
 
     def _result(self, mean_probs, model_probs, all_probs, pred, windows, stride, starts, case, tta, fid, levels,
                 volumes, box) -> dict:

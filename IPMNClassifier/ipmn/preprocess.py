@@ -1,5 +1,12 @@
 """Preprocessing as in the paper, each step optional: N4 bias-field correction → edge-preserving smoothing
-→ intensity standardisation (z-score inside the ROI, optional Nyúl landmarks) → 0–1 scaling, on the ROI grid.
+→ intensity standardisation on the ROI grid, one of: z-score inside the ROI, Nyúl landmarks learned on the
+training cohort, or per-case percentile 0–1 ("minmax") scaling.
+
+Each standardisation does what its name says (rules version 2). Version 1 (model packages written before
+the ``version`` key existed) followed z-score and Nyúl by the per-case 0–1 scaling whenever ``scale01``
+was set, which cancels the z-score exactly and partly undoes Nyúl; :meth:`PreprocessConfig.from_package`
+reads such packages with those old rules, so they predict exactly as they were trained. The options
+themselves are :class:`ipmn.config.PreprocessConfig`.
 
 Only the part of each volume that covers the ROI plus a margin is touched: N4 is fitted on a shrunk copy
 of that crop and its smooth bias field evaluated directly on the ROI grid; the volume is resampled onto
@@ -197,6 +204,12 @@ def filtered_on_grid(image: sitk.Image, roi: ROI, grid: RoiGrid, cfg: Preprocess
 
 
 def standardize_array(array: np.ndarray, modality: str, cfg: PreprocessConfig, landmarks: dict | None = None) -> np.ndarray:
+    """One modality's grid standardised as ``cfg`` says.
+
+    Version 2: ``zscore`` → mean 0, sd 1 over the ROI grid; ``nyul`` → the training cohort's landmarks
+    (their standard scale); ``minmax`` (or ``none`` + ``scale01``) → per-case percentiles to 0–1, clipped;
+    ``none`` → unchanged. Version 1 (old packages): z-score / Nyúl, then 0–1 scaling when ``scale01``.
+    """
     if cfg.standardize in ("zscore", "nyul"):
         array = zscore(array)
     if cfg.standardize == "nyul":
@@ -204,7 +217,7 @@ def standardize_array(array: np.ndarray, modality: str, cfg: PreprocessConfig, l
         if not spec:
             raise IPMNError(f"Nyul standardisation: no landmarks for {modality.upper()} in the model/config")
         array = NyulStandardizer.from_dict(spec).transform(array)
-    if cfg.scale01:
+    if cfg.standardize == "minmax" or (cfg.scale01 and (cfg.version == 1 or cfg.standardize == "none")):
         array = scale01(array, cfg.scale_percentiles)
     return array.astype(np.float32)
 

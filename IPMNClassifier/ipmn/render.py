@@ -6,6 +6,7 @@ Drawn with Pillow and numpy only: matplotlib costs ~1 s to import, too much for 
 from __future__ import annotations
 
 import os
+import unicodedata
 
 import numpy as np
 
@@ -29,6 +30,29 @@ def overlay(gray: np.ndarray, saliency: np.ndarray | None, alpha: float = 0.45) 
     return (base * (1 - weight) + heat * weight).astype(np.uint8)
 
 
+_FALLBACKS = {"\u2013": "-", "\u2014": "-", "\u2212": "-", "\u00d7": "x", "\u00b5": "u", "\u2264": "<=",
+              "\u2265": ">=", "\u2192": "->", "\u2190": "<-", "\u00b1": "+/-", "\u00b0": " deg"}
+
+
+def drawable_text(text: str, font) -> str:
+    """``text`` with every character ``font`` has no glyph for (it would render as a box) replaced by an
+    ASCII stand-in: dashes → "-", × → "x", accents dropped (é → e), anything else → "?"."""
+    notdef = _glyph(font, "\uffff")
+    out = []
+    for ch in str(text):
+        if ord(ch) < 128 or _glyph(font, ch) != notdef:
+            out.append(ch)
+            continue
+        plain = _FALLBACKS.get(ch) or unicodedata.normalize("NFKD", ch).encode("ascii", "ignore").decode()
+        out.append(plain or "?")
+    return "".join(out)
+
+
+def _glyph(font, ch: str) -> tuple:
+    mask = font.getmask(ch)
+    return mask.size, bytes(np.asarray(mask).tobytes())
+
+
 def grid_png(dest: str | os.PathLike, image: np.ndarray, modalities, saliency: np.ndarray | None = None,
              title: str = "", k: int = 9, scale: int = 2) -> None:
     """``image`` is (channels, H, W) in [0, 1]; ``saliency`` (H, W) in [0, 1] is overlaid in colour."""
@@ -47,12 +71,13 @@ def grid_png(dest: str | os.PathLike, image: np.ndarray, modalities, saliency: n
     width = n * w * scale + (n + 1) * gap
     canvas = Image.new("RGB", (width, h * scale + top + bottom), (20, 20, 20))
     draw = ImageDraw.Draw(canvas)
+    font = draw.getfont()
     for c, panel in enumerate(panels):
         x0 = gap + c * (w * scale + gap)
         canvas.paste(Image.fromarray(panel), (x0, top))
         draw.text((x0 + 2, 4), str(modalities[c]).upper(), fill=(255, 255, 255))
     if title:
-        draw.text((gap + 40, 4), title, fill=(255, 255, 255))
+        draw.text((gap + 40, 4), drawable_text(title, font), fill=(255, 255, 255))
     draw.text((gap, top + h * scale + 2), "slices inferior->superior, top-left to bottom-right; patient right on the left",
               fill=(180, 180, 180))
     with atomic_path(dest) as tmp:

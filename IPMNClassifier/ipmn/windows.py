@@ -21,8 +21,8 @@ from ipmn.errors import IPMNError
 def prepare_arrays(cases, grids: dict, cfg: dict, landmarks: dict | None) -> dict:
     """case_id → standardised (C, S, cell, cell) float32, padded to ≥ k slices when data.pad is set."""
     from ipmn.cache import standardize
+    from ipmn.config import PreprocessConfig
     from ipmn.grid import pad_slices
-    from ipmn.preprocess import PreprocessConfig
 
     pre = PreprocessConfig.from_dict(cfg["preprocess"])
     k = cfg["model"]["k"]

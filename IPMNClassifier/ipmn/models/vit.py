@@ -191,6 +191,12 @@ def _check_rollout_ready(vit: nn.Module, arch: str) -> None:
         raise IPMNError(
             f"'{arch}' has no class token, which Attention Rollout needs; use e.g. vit_base_patch16_224"
         )
+    if getattr(vit, "global_pool", "token") != "token":
+        raise IPMNError(
+            f"'{arch}' classifies from pooled patch tokens (global_pool={vit.global_pool!r}), so the class "
+            "token's Attention Rollout would not explain its prediction; use a class-token ViT such as "
+            "vit_base_patch16_224"
+        )
     for blk in getattr(vit, "blocks", []):
         attn = getattr(blk, "attn", None)
         if attn is None or not hasattr(attn, "fused_attn") or not hasattr(attn, "attn_drop"):
