@@ -159,6 +159,8 @@ class GridCache:
             inputs["mask"] = case.mask
         else:
             raise IPMNError(f"case {case.case_id}: no ROI and no mask")
+        if (case.extra or {}).get("mask_segment"):  # one segment/ROI of a file holding several
+            inputs["mask_segment"] = str(case.extra["mask_segment"])
         return inputs
 
     def key(self, case) -> str:
@@ -217,6 +219,7 @@ class GridCache:
             case.t1 if "t1" in self.modalities else None,
             case.t2 if "t2" in self.modalities else None,
             case.roi, mask, self.modalities, self.roi_margin_mm, self.nonfinite,
+            segment=(case.extra or {}).get("mask_segment") or None,
         )
         grid = prepare_case(volumes, roi, self.cfg, self.modalities, raw=True)
         return CachedGrid(case.case_id, np.ascontiguousarray(grid.data, dtype=np.float32), grid.grid.to_dict(),

@@ -108,12 +108,19 @@ class Predictor:
         levels=DEFAULT_LEVELS,
         fidelity: bool = False,
         progress=None,
+        series: dict | None = None,
+        segment: str | None = None,
+        dicom_out=None,
     ) -> dict:
         report = progress or (lambda stage, fraction: None)
         timing: dict[str, float] = {}
         t0 = time.perf_counter()
+        if dicom_out is not None:
+            from ipmn.dicom_out import check_dicom_out
+
+            check_dicom_out(t1, self.modalities)
         report("read", 0.05)
-        volumes, box = load_inputs(t1, t2, roi, mask, self.modalities, margin_mm, nonfinite)
+        volumes, box = load_inputs(t1, t2, roi, mask, self.modalities, margin_mm, nonfinite, series, segment)
         timing["read"] = time.perf_counter() - t0
 
         # Preprocess once per distinct preprocessing (fold models may carry their own Nyúl landmarks).
@@ -222,6 +229,11 @@ class Predictor:
             "precision": self.precision,
             "input_geometry": {m: geometry(v) for m, v in volumes.items()} | {"roi": box.to_dict(), "grid": case.grid.to_dict()},
         }
+        if dicom_out is not None:
+            from ipmn.dicom_out import write_dicom_outputs
+
+            report("dicom", 0.85)
+            result["dicom"] = write_dicom_outputs(dicom_out, t1, (series or {}).get("t1"), label_img, result, levels)
         if out is not None:
             report("write", 0.9)
             t = time.perf_counter()
@@ -331,6 +343,8 @@ def serve(stdin=None, stdout=None) -> int:
                 windows=req.get("windows", "central"), tta=bool(req.get("tta", False)),
                 fidelity=bool(req.get("fidelity", False)),
                 progress=lambda s, f: emit({"event": "stage", "stage": s, "fraction": f}),
+                series={m: req[f"{m}_series"] for m in ("t1", "t2") if req.get(f"{m}_series")},
+                segment=req.get("mask_segment"), dicom_out=req.get("dicom_out"),
             )
             emit({"event": "done", "out": str(req["out"]), "prediction": result})
         except IPMNError as exc:
