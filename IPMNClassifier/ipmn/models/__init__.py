@@ -6,7 +6,7 @@ defaults and validates it, :func:`build_model` turns it into a ``torch.nn.Module
 * any timm ViT name (``vit_base_patch16_224`` ...), early fusion (one input channel per modality) or
   late fusion (:class:`LateFusionViT`, one single-channel ViT per modality);
 * CNN baselines ``densenet121``, ``resnet18``, ``efficientnet_b5``, ``mobilenetv2_100`` (timm) and
-  ``alexnet`` (:class:`AlexNet`), early fusion only.
+  ``alexnet`` (torchvision's AlexNet, :class:`AlexNet`), early fusion only.
 
 Model packages (folder with ``model.safetensors`` + ``config.json``): :func:`save_package`,
 :func:`load_package`. Importing this package does not import timm, monai, sklearn or matplotlib.
@@ -22,7 +22,7 @@ from torch import nn
 
 from .. import CLASS_NAMES
 from ..errors import IPMNError
-from .cnn import CNN_ARCHS, GRADCAM_TARGET_LAYERS, AlexNet, build_cnn, cnn_arch_of, gradcam_target_layer
+from .cnn import CNN_ARCHS, GRADCAM_TARGET_LAYERS, build_cnn, cnn_arch_of, gradcam_target_layer
 from .package import (
     CONFIG_FILE,
     FORMAT,
@@ -75,6 +75,14 @@ __all__ = [
 ]
 
 MODALITIES = ("t1", "t2")
+
+
+def __getattr__(name):
+    if name == "AlexNet":  # torchvision's, imported on first use (see cnn._alexnet)
+        from .cnn import AlexNet
+
+        return AlexNet
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 MODEL_DEFAULTS = {
     "arch": "vit_base_patch16_224",
