@@ -292,6 +292,37 @@ def test_gradcam_leaves_model_clean_and_is_per_sample(square_cnn):
         explain(square_cnn, x, method="rollout")
 
 
+def _monai_gradcam(model, x, layer, class_idx):
+    """MONAI's GradCAM (an independent implementation) on a copy: its hooks stay on the copy."""
+    import copy
+
+    from monai.visualize import GradCAM
+
+    twin = copy.deepcopy(model).eval()
+    cam = GradCAM(nn_module=twin, target_layers=layer, postprocessing=minmax_normalize)
+    return torch.cat([cam(x[i : i + 1], class_idx=c)[:, 0] for i, c in enumerate(class_idx)])
+
+
+def test_gradcam_equals_monai_gradcam(square_cnn):
+    x = torch.cat([planted(24, 24), planted(130, 70), torch.rand(1, 2, 192, 192) * 0.3])
+    square_cnn.zero_grad(set_to_none=True)
+    for classes in ([1, 0, 1], None):
+        logits, maps = explain(square_cnn, x, class_idx=classes)
+        reference = _monai_gradcam(square_cnn, x, "layer4", classes or logits.argmax(1).tolist())
+        torch.testing.assert_close(maps, reference, rtol=1e-4, atol=1e-5)
+    assert all(p.grad is None for p in square_cnn.parameters())  # autograd.grad leaves no .grad behind
+
+
+def test_gradcam_alexnet_inplace_relu_target_equals_monai():
+    torch.manual_seed(1)
+    model = build_model(dict(arch="alexnet")).eval()
+    x = torch.rand(2, 2, 192, 192)
+    logits, maps = explain(model, x, class_idx=[2, 0])
+    torch.testing.assert_close(maps, _monai_gradcam(model, x, GRADCAM_TARGET_LAYERS["alexnet"], [2, 0]),
+                               rtol=1e-4, atol=1e-5)
+    assert not model.features[11]._forward_hooks and float(maps.max()) == 1.0
+
+
 def test_deletion_curve_saliency_beats_random(square_cnn):
     x = planted(130, 70)
     _, maps = explain(square_cnn, x, class_idx=1)
