@@ -361,6 +361,15 @@ class _Opaque:
     pass
 
 
+def test_pretrained_wrapped_checkpoints_are_unwrapped_as_timm_does(source_checkpoint, tmp_path, no_network):
+    """EMA entry preferred over 'model', DDP 'module.' prefixes dropped (timm.models.load_state_dict)."""
+    folder, sd = source_checkpoint
+    ema = {f"module.{k}": v + 1.0 for k, v in sd.items()}
+    torch.save({"model": sd, "state_dict_ema": ema, "epoch": 3}, tmp_path / "wrapped.pth")
+    model = build_model(dict(TINY, pretrained=str(tmp_path / "wrapped.pth")))
+    torch.testing.assert_close(model.blocks[1].mlp.fc2.weight, sd["blocks.1.mlp.fc2.weight"] + 1.0)
+
+
 def test_pretrained_cnn_local_file(tmp_path, no_network):
     import timm
 
