@@ -18,6 +18,7 @@ summary); NaN folds are left out of a metric's summary and counted in ``n``.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 
@@ -105,6 +106,11 @@ def classification_metrics(y_true, probs, num_classes: int | None = None) -> dic
     y_pred = probs.argmax(axis=1)
     p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average="macro", zero_division=0)
     auc, per_class_auc = auc_ovr(y_true, probs)
+    with warnings.catch_warnings():  # probabilities read back from rounded JSON do not sum to 1 exactly
+        warnings.filterwarnings("ignore", message="The y_prob values do not sum to one")
+        # clipped at 1e-12 (not sklearn's machine epsilon): a confident miss costs 27.6 nats, as before
+        nll = float(log_loss(y_true, np.clip(probs, 1e-12, 1.0), labels=labels))
+        brier = float(brier_score_loss(y_true, probs, labels=labels, scale_by_half=False))
     return {
         "n": int(len(y_true)),
         "accuracy": float(accuracy_score(y_true, y_pred)),
@@ -115,17 +121,14 @@ def classification_metrics(y_true, probs, num_classes: int | None = None) -> dic
         "macro_auc": auc,
         "auc_per_class": {str(k): v for k, v in per_class_auc.items()},
         "ece": ece_score(y_true, probs),
-        # probabilities clipped at 1e-12 (not sklearn's machine epsilon): a confident miss costs 27.6 nats
-        "nll": float(log_loss(y_true, np.clip(probs, 1e-12, 1.0), labels=labels)),
-        "brier": float(brier_score_loss(y_true, probs, labels=labels, scale_by_half=False)),
+        "nll": nll,
+        "brier": brier,
         "confusion": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
     }
 
 
 def _balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """scikit-learn's balanced accuracy: mean recall over the classes present in ``y_true``."""
-    import warnings
-
     from sklearn.metrics import balanced_accuracy_score
 
     with warnings.catch_warnings():  # a predicted class absent from y_true is left out, as defined above
