@@ -148,3 +148,22 @@ def test_predict_dicom_in_and_out(study, tmp_path):
     for secret in (*PATIENT_NAME.split("^"), PATIENT_ID, study["t1"]["study_uid"], study["t1"]["series_uid"],
                    study["t2"]["series_uid"], seg.SOPInstanceUID, sr.SOPInstanceUID, *list(sources)[:3]):
         assert secret not in text
+
+
+def test_cohort_series_columns_reach_the_cache(study, tmp_path):
+    from ipmn.cache import GridCache
+    from ipmn.cohort import load_cohort
+    from ipmn.preprocess import PreprocessConfig
+
+    folder, roi = study["folder"], study["nii"]["roi"]
+    manifest = tmp_path / "cohort.csv"
+    manifest.write_text("case_id,t1,t2,roi,label,t1_series,t2_series\n"
+                        f"a,{folder},{folder},{roi},low,{study['t1']['series_uid']},{study['t2']['series_uid']}\n"
+                        f"b,{folder},{folder},{roi},low,,\n")
+    chosen, unchosen = load_cohort(manifest, ("t1", "t2"))
+    cache = GridCache(PreprocessConfig.from_dict({"n4": False, "smoothing": "none"}), ("t1", "t2"),
+                      cache_dir=tmp_path / "cache")
+    assert cache.key(chosen) != cache.key(unchosen)
+    assert cache._build(chosen).data.shape[0] == 2
+    with pytest.raises(IPMNError, match="choose one with --t1-series"):
+        cache._build(unchosen)

@@ -159,8 +159,9 @@ class GridCache:
             inputs["mask"] = case.mask
         else:
             raise IPMNError(f"case {case.case_id}: no ROI and no mask")
-        if (case.extra or {}).get("mask_segment"):  # one segment/ROI of a file holding several
-            inputs["mask_segment"] = str(case.extra["mask_segment"])
+        for column in ("mask_segment", "t1_series", "t2_series"):  # choices within files holding several
+            if (case.extra or {}).get(column):
+                inputs[column] = str(case.extra[column])
         return inputs
 
     def key(self, case) -> str:
@@ -219,6 +220,7 @@ class GridCache:
             case.t1 if "t1" in self.modalities else None,
             case.t2 if "t2" in self.modalities else None,
             case.roi, mask, self.modalities, self.roi_margin_mm, self.nonfinite,
+            series={m: case.extra[f"{m}_series"] for m in ("t1", "t2") if (case.extra or {}).get(f"{m}_series")},
             segment=(case.extra or {}).get("mask_segment") or None,
         )
         grid = prepare_case(volumes, roi, self.cfg, self.modalities, raw=True)

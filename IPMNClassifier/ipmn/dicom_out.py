@@ -28,6 +28,7 @@ SCHEME = "99IPMN"
 SEG_FILE = "attention_seg.dcm"
 SR_FILE = "grade_sr.dcm"
 MANUFACTURER = "IPMN open-source project"
+MIN_HIGHDICOM = (0, 25)  # the SEG/SR API used here, on pydicom 3
 
 
 def check_dicom_out(t1, modalities) -> None:
@@ -36,6 +37,22 @@ def check_dicom_out(t1, modalities) -> None:
         raise IPMNError("--dicom-out needs --t1 to be a DICOM series folder (the SEG and SR reference its images)")
     if "t1" not in modalities:
         raise IPMNError("--dicom-out needs a model that reads T1 (the SEG lies on the T1 series' frames)")
+    _check_highdicom()
+
+
+def _check_highdicom() -> None:
+    import importlib.metadata
+
+    try:
+        found = importlib.metadata.version("highdicom")
+    except importlib.metadata.PackageNotFoundError:
+        found = None
+    parts = tuple(int(p) for p in (found or "0.0").split(".")[:2] if p.isdigit())
+    if parts < MIN_HIGHDICOM:
+        raise IPMNError(
+            f"--dicom-out needs highdicom >= {'.'.join(map(str, MIN_HIGHDICOM))} (with pydicom >= 3); "
+            f"{'found ' + found if found else 'it is not installed'}"
+        )
 
 
 def _code(value: str, meaning: str):

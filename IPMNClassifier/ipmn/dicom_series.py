@@ -65,7 +65,8 @@ def choose_series(folder: str | os.PathLike, name: str = "volume", uid: str | No
         return chosen[0]
     if len(series) > 1:
         raise IPMNError(
-            f"{name}: {folder} holds {len(series)} DICOM series; choose one with {option} UID: {_describe(series)}"
+            f"{name}: {folder} holds {len(series)} DICOM series; choose one with {option} UID (cohort column "
+            f"{name.lower()}_series): {_describe(series)}"
         )
     return series[0]
 

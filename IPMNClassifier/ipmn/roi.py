@@ -134,7 +134,8 @@ def _pick_roi(rois: list[dict], name: str | None, path) -> dict:
         return found[0]
     if len(rois) > 1:
         raise IPMNError(
-            f"ROI: {path} holds {len(rois)} ROIs ({', '.join(map(repr, names))}); choose one with --mask-segment NAME"
+            f"ROI: {path} holds {len(rois)} ROIs ({', '.join(map(repr, names))}); choose one with --mask-segment NAME "
+            "(cohort column mask_segment)"
         )
     return rois[0]
 

@@ -56,7 +56,8 @@ def pick_segment(segments: list[dict], choice: str | None, where: str) -> dict:
         if len(segments) == 1:
             return segments[0]
         raise IPMNError(
-            f"ROI: {where} holds {len(segments)} segments ({listing}); choose one with --mask-segment NAME"
+            f"ROI: {where} holds {len(segments)} segments ({listing}); choose one with --mask-segment NAME "
+            "(cohort column mask_segment)"
         )
     wanted = str(choice).strip().lower()
     by_name = [s for s in segments if str(s.get("name", "")).strip().lower() == wanted]
