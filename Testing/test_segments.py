@@ -79,6 +79,8 @@ def test_single_label_mask_still_works_and_takes_a_label_value(seg_case):
     np.testing.assert_allclose(roi.center, expected.center, atol=1e-3)
     with pytest.raises(IPMNError, match="no named segments"):
         load_roi(seg_case["paths"]["mask"], segment="pancreas")
+    with pytest.raises(IPMNError, match="not a box"):
+        load_roi("1,2,3:40,30,20", segment="pancreas")
 
 
 def test_mrk_json_with_two_rois(seg_case, tmp_path):

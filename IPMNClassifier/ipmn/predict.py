@@ -233,7 +233,9 @@ class Predictor:
             from ipmn.dicom_out import write_dicom_outputs
 
             report("dicom", 0.85)
+            t = time.perf_counter()
             result["dicom"] = write_dicom_outputs(dicom_out, t1, (series or {}).get("t1"), label_img, result, levels)
+            timing["dicom"] = time.perf_counter() - t
         if out is not None:
             report("write", 0.9)
             t = time.perf_counter()

@@ -211,6 +211,8 @@ def load_roi(
     """
     text = str(spec)
     if ":" in text and "," in text and not Path(text).exists():
+        if segment:
+            raise IPMNError(f"ROI: --mask-segment {segment!r} needs a .seg.nrrd, .mrk.json or label map, not a box")
         return parse_center_size(text)
     path = Path(text)
     if text.lower().endswith(".json"):
