@@ -67,7 +67,7 @@ def _read_source(t1_folder, series_uid: str | None) -> list:
     from ipmn.dicom_series import choose_series
 
     series = choose_series(t1_folder, "T1", series_uid)
-    return [pydicom.dcmread(f) for f in series.files]
+    return [pydicom.dcmread(f, stop_before_pixels=True) for f in series.files]  # headers are enough
 
 
 def _algorithm(result: dict) -> tuple[str, str]:
