@@ -357,23 +357,47 @@ def test_gradcam_leaves_model_clean_and_is_per_sample(square_cnn):
         explain(square_cnn, x, method="rollout")
 
 
-def test_gradcam_upsamples_cell_by_cell(square_cnn):
-    """Grad-CAM's 6 x 6 map is upsampled within each cell, like rollout (MONAI's own raw map as input)."""
+def _monai_gradcam(model, x, layer, class_idx, per_cell: bool = True):
+    """MONAI's GradCAM (an independent implementation) on a copy, so that its hooks stay on the copy;
+    its map upsampled cell by cell (as ours) or, with ``per_cell=False``, over the whole tiled image."""
+    import copy
+
     from monai.visualize import GradCAM
 
+    from ipmn.cellmaps import upsample_cells
+
+    twin = copy.deepcopy(model).eval()
+    kwargs = {"upsampler": (lambda size: lambda a: upsample_cells(a, size, 9))} if per_cell else {}
+    cam = GradCAM(nn_module=twin, target_layers=layer, postprocessing=minmax_normalize, **kwargs)
+    return torch.cat([cam(x[i : i + 1], class_idx=c)[:, 0] for i, c in enumerate(class_idx)])
+
+
+def test_gradcam_upsamples_cell_by_cell(square_cnn):
+    """Grad-CAM's 6 x 6 map is upsampled within each cell, like rollout, not across cell borders."""
     x = planted(24, 40)  # square straddling pixel 64: the raw map is hot on both sides of the border
     _, maps = explain(square_cnn, x, class_idx=1)
-    raw = GradCAM(nn_module=square_cnn, target_layers=GRADCAM_TARGET_LAYERS["resnet18"]).compute_map(
-        x.clone().requires_grad_(True), class_idx=1
-    )
-    assert raw.shape[-2:] == (6, 6)
-    want = minmax_normalize(per_cell_bilinear(raw.detach())[:, 0])
-    assert torch.allclose(maps, want, atol=1e-5)
-    whole = minmax_normalize(F.interpolate(raw.detach(), size=(192, 192), mode="bilinear")[:, 0])
+    whole = _monai_gradcam(square_cnn, x, GRADCAM_TARGET_LAYERS["resnet18"], [1], per_cell=False)
     assert not torch.allclose(maps, whole, atol=1e-3)  # the old whole-image upsampling differs
-    for hook_owner in dict(square_cnn.named_modules()).values():  # MONAI hooks from the reference removed
-        hook_owner._forward_hooks.clear()
-        hook_owner._backward_hooks.clear()
+
+
+def test_gradcam_equals_monai_gradcam(square_cnn):
+    x = torch.cat([planted(24, 24), planted(130, 70), torch.rand(1, 2, 192, 192) * 0.3])
+    square_cnn.zero_grad(set_to_none=True)
+    for classes in ([1, 0, 1], None):
+        logits, maps = explain(square_cnn, x, class_idx=classes)
+        reference = _monai_gradcam(square_cnn, x, "layer4", classes or logits.argmax(1).tolist())
+        torch.testing.assert_close(maps, reference, rtol=1e-4, atol=1e-5)
+    assert all(p.grad is None for p in square_cnn.parameters())  # autograd.grad leaves no .grad behind
+
+
+def test_gradcam_alexnet_inplace_relu_target_equals_monai():
+    torch.manual_seed(1)
+    model = build_model(dict(arch="alexnet")).eval()
+    x = torch.rand(2, 2, 192, 192)
+    logits, maps = explain(model, x, class_idx=[2, 0])
+    torch.testing.assert_close(maps, _monai_gradcam(model, x, GRADCAM_TARGET_LAYERS["alexnet"], [2, 0]),
+                               rtol=1e-4, atol=1e-5)
+    assert not model.features[11]._forward_hooks and float(maps.max()) == 1.0
 
 
 def test_deletion_curve_saliency_beats_random(square_cnn):

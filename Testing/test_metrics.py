@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -72,6 +73,34 @@ def test_missing_class_and_never_predicted_class():
     expected = np.mean([roc_auc_score(y == c, p[:, c]) for c in (0, 1)])
     assert m["macro_auc"] == pytest.approx(expected)
     assert set(m["auc_per_class"]) == {"0", "1"}
+
+
+def _hand_written(y, p):
+    """The formulas metrics.py computed by hand before it used scikit-learn (the old-vs-new reference)."""
+    onehot = np.eye(p.shape[1])[y]
+    pred = p.argmax(1)
+    recalls = [np.mean(pred[y == c] == c) for c in sorted(set(y.tolist()))]
+    return {"nll": float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-12, 1.0)))),
+            "brier": float(np.mean(np.sum((p - onehot) ** 2, axis=1))),
+            "balanced_accuracy": float(np.mean(recalls))}
+
+
+@pytest.mark.parametrize("classes", [2, 3, 4])
+@pytest.mark.parametrize("seed", range(5))
+def test_sklearn_nll_brier_balanced_accuracy_equal_the_hand_written_formulas(classes, seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(3, 40))
+    y = rng.integers(0, classes, n)
+    y[y == classes - 1] = 0 if seed % 2 else y[y == classes - 1]  # every other seed: a class missing
+    p = rng.dirichlet(np.full(classes, 0.3), n)
+    p[0] = np.eye(classes)[(y[0] + 1) % classes]  # a confident miss: probability exactly 0 on the truth
+    p = np.round(p, 4) if seed >= 3 else p  # as read back from JSON: rows sum to 1 only within 1e-4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scikit-learn's warnings about such rows are handled inside
+        m = classification_metrics(y, p, classes)
+    ref = _hand_written(y, p)
+    for name in ("nll", "brier", "balanced_accuracy"):
+        assert m[name] == pytest.approx(ref[name], rel=1e-12, abs=1e-15), name
 
 
 def test_ece():

@@ -181,7 +181,36 @@ def test_alexnet_shapes():
     model = AlexNet(in_chans=2, num_classes=3)
     feats = model.features(torch.rand(1, 2, 192, 192))
     assert feats.shape == (1, 256, 5, 5)
-    assert dict(model.named_modules())["features.relu5"].inplace is False
+    assert isinstance(dict(model.named_modules())[gradcam_target_layer(model)], torch.nn.ReLU)
+
+
+def test_alexnet_is_torchvisions_and_reads_packages_of_the_hand_written_one():
+    """Old-layout weights (features.conv1 ... classifier.fc3) load, and the forward pass equals the paper's
+    layer sequence written out with torch.nn.functional."""
+    import torch.nn.functional as F
+    import torchvision
+
+    torch.manual_seed(3)
+    model = AlexNet(in_chans=2, num_classes=3).eval()
+    assert isinstance(model, torchvision.models.AlexNet) and model.features[0].in_channels == 2
+    old_names = {"features.0": "features.conv1", "features.3": "features.conv2", "features.6": "features.conv3",
+                 "features.8": "features.conv4", "features.10": "features.conv5", "classifier.1": "classifier.fc1",
+                 "classifier.4": "classifier.fc2", "classifier.6": "classifier.fc3"}
+    w = {k: torch.randn_like(v) * 0.05 for k, v in model.state_dict().items()}
+    old = {f"{old_names[k.rsplit('.', 1)[0]]}.{k.rsplit('.', 1)[1]}": v for k, v in w.items()}
+    fresh = AlexNet(in_chans=2, num_classes=3).eval()
+    fresh.load_state_dict(old)
+    x = torch.rand(2, 2, 192, 192)
+    h = F.max_pool2d(F.relu(F.conv2d(x, w["features.0.weight"], w["features.0.bias"], stride=4, padding=2)), 3, 2)
+    h = F.max_pool2d(F.relu(F.conv2d(h, w["features.3.weight"], w["features.3.bias"], padding=2)), 3, 2)
+    for i in (6, 8, 10):
+        h = F.relu(F.conv2d(h, w[f"features.{i}.weight"], w[f"features.{i}.bias"], padding=1))
+    h = torch.flatten(F.adaptive_avg_pool2d(F.max_pool2d(h, 3, 2), (6, 6)), 1)
+    h = F.relu(F.linear(F.relu(F.linear(h, w["classifier.1.weight"], w["classifier.1.bias"])),
+                        w["classifier.4.weight"], w["classifier.4.bias"]))
+    expected = F.linear(h, w["classifier.6.weight"], w["classifier.6.bias"])
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), expected, rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -330,6 +359,15 @@ def test_pretrained_refusals(source_checkpoint, tmp_path, no_network):
 
 class _Opaque:
     pass
+
+
+def test_pretrained_wrapped_checkpoints_are_unwrapped_as_timm_does(source_checkpoint, tmp_path, no_network):
+    """EMA entry preferred over 'model', DDP 'module.' prefixes dropped (timm.models.load_state_dict)."""
+    folder, sd = source_checkpoint
+    ema = {f"module.{k}": v + 1.0 for k, v in sd.items()}
+    torch.save({"model": sd, "state_dict_ema": ema, "epoch": 3}, tmp_path / "wrapped.pth")
+    model = build_model(dict(TINY, pretrained=str(tmp_path / "wrapped.pth")))
+    torch.testing.assert_close(model.blocks[1].mlp.fc2.weight, sd["blocks.1.mlp.fc2.weight"] + 1.0)
 
 
 def test_pretrained_cnn_local_file(tmp_path, no_network):

@@ -198,6 +198,38 @@ def test_outputs_in_t1_geometry_with_documented_labels_table_and_hierarchy(case)
     assert args["device"] == "cpu" and args["cuda_visible"] == "-1"
 
 
+def test_attention_levels_also_as_coded_nested_segments(case):
+    """A Segmentation node beside the label map: segment n = label >= n, with DICOM terminology (SEG export)."""
+    result = _process(_logic(case), case)
+    nodes = case["scene"].GetNodesByClass("vtkMRMLSegmentationNode")
+    found = [nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())]
+    found = [n for n in found if n.GetAttribute("IPMN.Role") == "attention_segments"]
+    assert len(found) == 1
+    node = found[0]
+    segmentation = node.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == 3
+    labels = slicer.util.arrayFromVolume(result.labelNode)
+    for level, pct in zip((1, 2, 3), (20, 10, 5), strict=True):
+        segment_id = segmentation.GetNthSegmentID(level - 1)
+        segment = segmentation.GetSegment(segment_id)
+        assert segment.GetName() == f"top {pct}% attention"
+        tag = __import__("vtk").reference("")
+        assert segment.GetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), tag)
+        tag = str(tag)
+        assert f"99IPMN^ATTN{pct}^Top {pct} % of model attention" in tag and "SCT^15776009^Pancreas" in tag
+        exported = case["scene"].AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "exported")
+        ids = __import__("vtk").vtkStringArray()
+        ids.InsertNextValue(segment_id)
+        assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(node, ids, exported,
+                                                                                     result.labelNode)
+        mask = slicer.util.arrayFromVolume(exported)
+        assert mask.shape == labels.shape and np.array_equal(mask > 0, labels >= level)
+        case["scene"].RemoveNode(exported)
+    sh = case["sh"]
+    level_study = slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMLevelStudy()
+    assert sh.GetItemAncestorAtLevel(sh.GetItemByDataNode(node), level_study) == case["study"]
+
+
 def test_rerun_replaces_outputs_instead_of_adding(case):
     logic = _logic(case)
     first = _process(logic, case)

@@ -201,9 +201,9 @@ def test_every_module_file_is_listed_in_cmake(name):
     resources = _expand(_cmake_list(text, "MODULE_PYTHON_RESOURCES"), name)
     patterns = []
     if name == "IPMNClassifier":
-        # Rule for the engine package: every *.py is a script, every *.yaml / *.json a resource (globs).
+        # Rule for the engine package: every *.py is a script, every *.yaml / *.json / *.j2 a resource (globs).
         patterns = _cmake_globs(text, "IPMN_ENGINE_SCRIPTS") + _cmake_globs(text, "IPMN_ENGINE_RESOURCES")
-        assert patterns == ["ipmn/*.py", "ipmn/*.yaml", "ipmn/*.json"]
+        assert patterns == ["ipmn/*.py", "ipmn/*.yaml", "ipmn/*.json", "ipmn/*.j2"]
         assert "${IPMN_ENGINE_SCRIPTS}" in text.split("set(MODULE_PYTHON_SCRIPTS", 1)[1].split(")", 1)[0]
         assert "${IPMN_ENGINE_RESOURCES}" in text.split("set(MODULE_PYTHON_RESOURCES", 1)[1].split(")", 1)[0]
     listed = set(scripts) | set(resources)
@@ -316,7 +316,8 @@ def test_requirements_file():
     names = {
         re.split(r"[<>=!~ ]", line, maxsplit=1)[0].lower() for line in dependencies.readRequirements(path)
     }
-    assert names == {"timm", "monai", "safetensors", "scikit-learn", "matplotlib", "tqdm", "pyyaml", "psutil"}
+    assert names == {"timm", "monai", "safetensors", "scikit-learn", "matplotlib", "tqdm", "pyyaml", "psutil",
+                     "pillow", "scipy", "highdicom", "slicerio", "jinja2", "openpyxl"}
     assert all(">=" in line for line in dependencies.readRequirements(path))
 
 
@@ -335,6 +336,7 @@ def test_dependency_checks_do_not_import(monkeypatch):
     constraints = dependencies.writeProtectionConstraints(extra=("pytest",))
     pins = constraints.read_text().split()
     assert any(p.startswith("numpy==") for p in pins) and any(p.startswith("SimpleITK==") for p in pins)
+    assert any(p.startswith("pydicom==") for p in pins)  # Slicer's DICOM module relies on its own pydicom
 
 
 @pytest.mark.parametrize("name", MODULES)

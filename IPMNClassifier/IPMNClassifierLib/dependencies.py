@@ -5,8 +5,9 @@
   CPU build on a GPU machine), but in a child process: torch is never imported into Slicer's own process.
 * The rest (timm, monai, ...) comes from ``Resources/requirements.txt`` (``>=`` minimums) through
   ``slicer.packaging.pip_ensure`` on Slicer >= 5.12, ``slicer.util.pip_install`` before.
-* numpy and SimpleITK are Slicer's own: they are pinned to the installed versions with a constraints
-  file, so a dependency can never replace them (a PyPI SimpleITK breaks Slicer's ITK IO).
+* numpy, SimpleITK and pydicom are Slicer's own: they are pinned to the installed versions with a constraints
+  file, so a dependency can never replace them (a PyPI SimpleITK breaks Slicer's ITK IO; a newer pydicom
+  can break Slicer's DICOM plugins: pip picks the highdicom release that fits Slicer's pydicom instead).
 * One confirmation dialog lists everything; a restart is offered when an already imported package changed.
 
 Functions that only check (``missingRequirements``, ``torchMissing``) are pure Python and tested here; the
@@ -27,7 +28,7 @@ from ipmn.errors import IPMNError
 
 TORCH_REQUIREMENT = ">=2.2"
 TORCHVISION_REQUIREMENT = ">=0.17"
-PROTECTED = ("numpy", "SimpleITK")  # shipped with Slicer: never upgraded, downgraded or replaced
+PROTECTED = ("numpy", "SimpleITK", "pydicom")  # shipped with Slicer: never upgraded, downgraded or replaced
 NEVER_IN_REQUIREMENTS = ("numpy", "simpleitk", "torch", "torchvision")
 # Distribution name -> importable module name, where they differ.
 _IMPORT_NAMES = {"scikit-learn": "sklearn", "pyyaml": "yaml", "pillow": "PIL"}

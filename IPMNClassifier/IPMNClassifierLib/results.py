@@ -37,6 +37,12 @@ ROLE_TABLE = "result_table"
 ROLE_HEATMAP = "attention"
 ROLE_LABELS = "attention_labels"
 ROLE_LEVELS_COLORS = "attention_levels_colors"
+ROLE_SEGMENTS = "attention_segments"
+# Terminology of the attention segments: the codes of the engine's DICOM SEG (ipmn.dicom_out), so that
+# Slicer's own DICOM export writes the same coded segments.
+ATTENTION_TERMINOLOGY = ("Segmentation category and type - IPMN~SCT^309825002^Spatial and Relational Concept"
+                         "~99IPMN^ATTN{pct}^Top {pct} % of model attention~^^"
+                         "~Anatomic codes - DICOM master list~SCT^15776009^Pancreas~^^")
 HEATMAP_COLOR_IDS = (
     "vtkMRMLColorTableNodeFileInferno.txt",
     "vtkMRMLPETProceduralColorNodePET-Heat",
@@ -156,7 +162,7 @@ class ResultLoader:
     """Loading the engine's outputs for :class:`~IPMNClassifierLib.logic.ClassifierLogic`."""
 
     def _findOutput(self, role: str, key: str):
-        for cls in ("vtkMRMLTableNode", "vtkMRMLScalarVolumeNode"):
+        for cls in ("vtkMRMLTableNode", "vtkMRMLScalarVolumeNode", "vtkMRMLSegmentationNode"):
             nodes = self.scene.GetNodesByClass(cls)
             for i in range(nodes.GetNumberOfItems()):
                 node = nodes.GetItemAsObject(i)
@@ -226,6 +232,32 @@ class ResultLoader:
             r, g, b = LEVEL_COLORS.get(level, (1.0, 0.0, 1.0))
             node.SetColor(level, f"{names.get(level, f'level {level}')} attention", r, g, b, 1.0)
         return node
+
+    def attentionSegments(self, segmentationNode, labelNode, levelNames: dict | None = None):
+        """The attention levels as nested, coded segments (segment n = label >= n), for Slicer's DICOM export."""
+        names = dict(DEFAULT_LEVEL_NAMES)
+        names.update({int(k): str(v) for k, v in (levelNames or {}).items() if str(k).isdigit()})
+        segmentation = segmentationNode.GetSegmentation()
+        segmentation.RemoveAllSegments()
+        segmentationNode.SetAndObserveTransformNodeID(labelNode.GetTransformNodeID())
+        labels = slicer.util.arrayFromVolume(labelNode)
+        level = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "IPMN attention level (temporary)")
+        try:
+            level.CopyOrientation(labelNode)
+            level.SetAndObserveTransformNodeID(labelNode.GetTransformNodeID())
+            for value in sorted(names):
+                slicer.util.updateVolumeFromArray(level, (labels >= value).astype(np.uint8))
+                before = set(segmentation.GetSegmentIDs())
+                slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(level, segmentationNode)
+                segment = segmentation.GetSegment(next(iter(set(segmentation.GetSegmentIDs()) - before)))
+                segment.SetName(f"{names[value]} attention")
+                segment.SetColor(*LEVEL_COLORS.get(value, (1.0, 0.0, 1.0)))
+                pct = "".join(c for c in names[value] if c.isdigit() or c == ".") or str(value)
+                segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), ATTENTION_TERMINOLOGY.format(pct=pct))
+        finally:
+            self.scene.RemoveNode(level)
+        segmentationNode.CreateDefaultDisplayNodes()
+        return segmentationNode
 
     def _fillTable(self, table, prediction: dict, t1Name: str) -> None:
         classes = list(prediction.get("classes") or prediction["probabilities"].keys())
@@ -352,13 +384,16 @@ class ResultLoader:
         colors = self.attentionLevelsColorNode(prediction.get("attention_levels"))
         labels.GetDisplayNode().SetAndObserveColorNodeID(colors.GetID())
 
+        segments = self._outputNode("vtkMRMLSegmentationNode", ROLE_SEGMENTS, task.key, f"{name} IPMN attention")
+        self.attentionSegments(segments, labels, prediction.get("attention_levels"))
+
         table = self._outputNode("vtkMRMLTableNode", ROLE_TABLE, task.key, f"{name} IPMN result")
         self._fillTable(table, prediction, name)
 
         resultDir = self._keepFiles(task, name)
         grid = resultDir / GRID_PNG_FILE
         table.SetAttribute("IPMN.ResultFolder", str(resultDir))
-        self.placeInSubjectHierarchy([table, heatmap, labels], t1, task.key)
+        self.placeInSubjectHierarchy([table, heatmap, labels, segments], t1, task.key)
         return PredictResult(prediction=prediction, tableNode=table, heatmapNode=heatmap, labelNode=labels,
                              gridPng=grid if grid.is_file() else None, resultDir=resultDir)
 

@@ -152,6 +152,9 @@ class GridCache:
             inputs["mask"] = case.mask
         else:
             raise IPMNError(f"case {case.case_id}: no ROI and no mask")
+        for column in ("mask_segment", "t1_series", "t2_series"):  # choices within files holding several
+            if (case.extra or {}).get(column):
+                inputs[column] = str(case.extra[column])
         return inputs
 
     def key(self, case) -> str:
@@ -210,6 +213,8 @@ class GridCache:
             case.t1 if "t1" in self.modalities else None,
             case.t2 if "t2" in self.modalities else None,
             case.roi, mask, self.modalities, self.roi_margin_mm, self.nonfinite,
+            series={m: case.extra[f"{m}_series"] for m in ("t1", "t2") if (case.extra or {}).get(f"{m}_series")},
+            segment=(case.extra or {}).get("mask_segment") or None,
         )
         grid = prepare_case(volumes, roi, self.cfg, self.modalities, raw=True)
         return CachedGrid(case.case_id, np.ascontiguousarray(grid.data, dtype=np.float32), grid.grid.to_dict(),

@@ -20,6 +20,11 @@ def _add_inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--t2", help="T2 volume: NIfTI, NRRD, MHA or a DICOM series folder")
     p.add_argument("--roi", help="pancreas ROI: Slicer .mrk.json, 'R,A,S:W,H,D' (RAS mm) or a mask volume")
     p.add_argument("--mask", help="pancreas mask/segmentation; ROI = its bounding box + --margin")
+    p.add_argument("--mask-segment", metavar="NAME",
+                   help="the segment (name or terminology, e.g. Pancreas) of a .seg.nrrd, or the ROI of a "
+                        ".mrk.json, to use when the file holds several")
+    p.add_argument("--t1-series", metavar="UID", help="SeriesInstanceUID of T1 in a folder with several series")
+    p.add_argument("--t2-series", metavar="UID", help="SeriesInstanceUID of T2 in a folder with several series")
     p.add_argument("--margin", type=float, default=10.0, help="margin (mm) around a mask's bounding box [10]")
     p.add_argument("--nonfinite", choices=["refuse", "clean"], default="refuse",
                    help="NaN/Inf voxels: refuse the volume (default) or replace them with the median")
@@ -51,7 +56,8 @@ def cmd_grid(args) -> int:
     cfg = PreprocessConfig.from_dict(read_yaml(args.config).get("preprocess") if args.config else None)
     if args.cell:
         cfg.cell = args.cell
-    volumes, roi = load_inputs(args.t1, args.t2, args.roi, args.mask, modalities, args.margin, args.nonfinite)
+    volumes, roi = load_inputs(args.t1, args.t2, args.roi, args.mask, modalities, args.margin, args.nonfinite,
+                               _series(args), args.mask_segment)
     case = prepare_case(volumes, roi, cfg, modalities)
     starts, windows = case_windows(case.data, args.k, args.windows, args.stride, args.pad)
     os.makedirs(args.out, exist_ok=True)
@@ -69,6 +75,10 @@ def cmd_grid(args) -> int:
     return 0
 
 
+def _series(args) -> dict:
+    return {m: getattr(args, f"{m}_series") for m in ("t1", "t2") if getattr(args, f"{m}_series", None)}
+
+
 def cmd_predict(args) -> int:
     from ipmn.predict import Predictor, summary_line
     from ipmn.progress import Progress
@@ -76,11 +86,16 @@ def cmd_predict(args) -> int:
     models = list(args.ensemble or []) or ([args.model] if args.model else [])
     if not models:
         raise IPMNError("no model given: pass --model MODEL_DIR (or --ensemble DIR1 DIR2 ...)")
+    if args.dicom_out is not None:
+        from ipmn.dicom_out import check_dicom_out
+
+        check_dicom_out(args.t1, ("t1",))  # before the model is loaded; the model's modalities later
     predictor = Predictor(models, device=args.device, precision=args.precision)
     result = predictor.predict(
         t1=args.t1, t2=args.t2, roi=args.roi, mask=args.mask, out=args.out, windows=args.windows, tta=args.tta,
         stride=args.stride, margin_mm=args.margin, nonfinite=args.nonfinite, pad=args.pad,
         fidelity=args.fidelity, progress=Progress(args.progress),
+        series=_series(args), segment=args.mask_segment, dicom_out=args.dicom_out,
     )
     if args.json:
         print(json.dumps(result, indent=2))
@@ -166,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run the deletion-curve fidelity check of the map (18 extra forward passes)")
     p.add_argument("--progress", choices=["none", "jsonl"], default="none", help="jsonl: one JSON event per line")
     p.add_argument("--json", action="store_true", help="print prediction.json to stdout")
+    p.add_argument("--dicom-out", metavar="DIR",
+                   help="also write a DICOM SEG of the attention levels and a DICOM SR of the grade "
+                        "(T1 must be a DICOM series folder)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("worker", help="long-lived predictor: JSON requests on stdin, JSON events on stdout")

@@ -3,7 +3,9 @@
 Manifest columns: ``case_id, t1, t2, roi, label`` and optionally ``center``, ``patient_id`` (defaults to
 ``case_id``; cases of one patient never go to different folds), ``mask``. Paths are relative to the
 manifest. Labels are ``normal|low|high`` or ``0|1|2``. ``t1``/``t2`` may be empty for single-modality
-cohorts; ``roi`` may be a ``.mrk.json``, a mask volume, or empty when ``mask`` is given.
+cohorts; ``roi`` may be a ``.mrk.json``, a mask volume, or empty when ``mask`` is given. An optional
+``mask_segment`` column names the segment (or ROI) to use from a file that holds several, and
+``t1_series``/``t2_series`` the SeriesInstanceUID to read from a DICOM folder that holds several.
 
 This module is pure Python (no torch) so the Slicer trainer can import it in the GUI process.
 """

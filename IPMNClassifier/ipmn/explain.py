@@ -6,12 +6,10 @@
 * :class:`AttentionCapture` - switches timm's fused attention off (fused SDPA never materialises the
   attention probabilities) and records each block's softmax attention with a hook on ``attn_drop``.
 * :func:`explain` - logits plus one ``[0, 1]`` map per sample at the input resolution: rollout for
-  ViTs, Grad-CAM (``monai.visualize.GradCAM`` with our own, non-inverting min-max normaliser) for CNNs.
+  ViTs, Grad-CAM (hooks removed by their handles, a non-inverting min-max normaliser) for CNNs.
 * :func:`deletion_curve` - faithfulness check: delete patches by decreasing saliency vs at random.
 
 Test-time flips and turns of the grid (with inverses for the maps) are in :mod:`ipmn.augment`.
-
-monai is imported lazily (only by Grad-CAM).
 """
 
 from __future__ import annotations
@@ -262,48 +260,42 @@ def _rollout_from(model, x, attentions, head_fusion, discard_ratio, k=9):
 
 
 def _gradcam_maps(model, x, class_idx, target_layer, k=9):
-    from monai.visualize import GradCAM
+    """Grad-CAM (Selvaraju et al. 2017) on one target layer, one sample at a time.
 
+    The layer's output is captured by a forward hook that is removed by its handle; the gradient of the
+    class logit with respect to it comes from ``torch.autograd.grad`` (no backward hooks, no parameter
+    gradients left behind). Weights = spatial mean of the gradient; map = ReLU of the weighted channel
+    sum, upsampled to the input cell by cell (:func:`ipmn.cellmaps.upsample_cells`, no bleeding into
+    another slice) and min-max scaled per sample.
+    """
     from .models.cnn import gradcam_target_layer
 
     layer_name = target_layer or gradcam_target_layer(model)
     modules = dict(model.named_modules())
     if layer_name not in modules:
         raise IPMNError(f"Grad-CAM target layer '{layer_name}' is not in {type(model).__name__}")
-    layer = modules[layer_name]
-    # MONAI registers hooks it never removes and may switch the layer's `inplace` off: remember the
-    # layer's state so that the user's model is left exactly as it was.
-    fwd_before = set(layer._forward_hooks)
-    bwd_before = set(layer._backward_hooks)
-    full_before = layer._is_full_backward_hook
-    inplace_before = layer.__dict__.get("inplace")
-    outputs: list[torch.Tensor] = []
-    handle = model.register_forward_hook(lambda _m, _i, out: outputs.append(out.detach()))
+    captured: list[torch.Tensor] = []
+    handle = modules[layer_name].register_forward_hook(lambda _m, _i, out: captured.append(out))
+    was_training = model.training
+    model.eval()
+    logits_all, maps = [], []
     try:
-        cam = GradCAM(nn_module=model, target_layers=layer_name, postprocessing=minmax_normalize,
-                      upsampler=lambda size: lambda a: upsample_cells(a, size, k))
-        maps = []
-        # one sample at a time: MONAI's class score `logits[:, class_idx]` mixes samples when the
-        # per-sample argmax differs within a batch
         for i in range(x.shape[0]):
-            xi = x[i : i + 1].detach().clone().requires_grad_(True)
-            ci = None if class_idx is None else class_idx[i]
+            captured.clear()
             with torch.enable_grad():
-                maps.append(cam(xi, class_idx=ci).detach())
-        logits = torch.cat(outputs[: x.shape[0]], dim=0)
+                logits = model(x[i : i + 1].detach())
+                ci = int(logits.argmax(1)) if class_idx is None else int(class_idx[i])
+                (grad,) = torch.autograd.grad(logits[0, ci], captured[0])
+            activation = captured[0].detach()
+            weights = grad.float().mean(dim=(2, 3), keepdim=True)
+            cam = F.relu((weights * activation.float()).sum(dim=1, keepdim=True))
+            cam = upsample_cells(cam, tuple(x.shape[-2:]), k)
+            maps.append(minmax_normalize(cam[:, 0]))
+            logits_all.append(logits.detach())
     finally:
         handle.remove()
-        for key in set(layer._forward_hooks) - fwd_before:
-            layer._forward_hooks.pop(key, None)
-            layer._forward_hooks_with_kwargs.pop(key, None)
-            layer._forward_hooks_always_called.pop(key, None)
-        for key in set(layer._backward_hooks) - bwd_before:
-            layer._backward_hooks.pop(key, None)
-        layer._is_full_backward_hook = full_before
-        if inplace_before is not None:
-            layer.__dict__["inplace"] = inplace_before
-        model.zero_grad(set_to_none=True)
-    return logits, torch.cat(maps, dim=0)[:, 0]
+        model.train(was_training)
+    return torch.cat(logits_all, dim=0), torch.cat(maps, dim=0)
 
 
 def explain(

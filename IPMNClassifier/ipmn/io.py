@@ -24,28 +24,27 @@ os.umask(_UMASK)
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
-def _read_dicom_folder(folder: Path, name: str) -> sitk.Image:
-    reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(folder)) or ()
-    if not series:
-        raise IPMNError(f"{name}: no DICOM series found in folder {folder}")
-    # The series with most files is the volume; scouts and localisers have few.
-    files = max((reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series), key=len)
-    reader.SetFileNames(files)
-    return reader.Execute()
+def _read_dicom_folder(folder: Path, name: str, series: str | None = None) -> sitk.Image:
+    from ipmn.dicom_series import read_series
+
+    return read_series(folder, name, series)
 
 
-def read_volume(path: str | os.PathLike, name: str = "volume", nonfinite: str = "refuse") -> sitk.Image:
+def read_volume(
+    path: str | os.PathLike, name: str = "volume", nonfinite: str = "refuse", series: str | None = None
+) -> sitk.Image:
     """Read a 3-D scalar volume as float32, keeping its physical geometry.
 
     ``nonfinite``: ``"refuse"`` (default) rejects NaN/Inf voxels, ``"clean"`` replaces them with the
-    median of the finite voxels.
+    median of the finite voxels. ``series``: the SeriesInstanceUID to read from a DICOM folder.
     """
     path = Path(path)
     if not path.exists():
         raise IPMNError(f"{name}: file not found: {path}")
+    if series and not path.is_dir():
+        raise IPMNError(f"{name}: a series UID was given but {path} is not a DICOM folder")
     try:
-        image = _read_dicom_folder(path, name) if path.is_dir() else sitk.ReadImage(str(path))
+        image = _read_dicom_folder(path, name, series) if path.is_dir() else sitk.ReadImage(str(path))
     except IPMNError:
         raise
     except RuntimeError as exc:

@@ -126,19 +126,27 @@ class Predictor:
         fidelity: bool = False,
         progress=None,
         prepared: dict | None = None,
+        series: dict | None = None,
+        segment: str | None = None,
+        dicom_out=None,
     ) -> dict:
         """Grade one case; write the outputs to ``out`` (when given) and return ``prediction.json``'s content.
 
         ``progress``: an :class:`ipmn.progress.Progress` told each stage with the fraction done.
         ``prepared`` (from :meth:`prepare`) skips reading and preprocessing, so that a batch can preprocess
-        the next case while the model runs on this one (``ipmn evaluate``).
+        the next case while the model runs on this one (``ipmn evaluate``). ``series`` / ``segment``: see
+        :meth:`prepare`. ``dicom_out``: also write a DICOM SEG + SR there (:mod:`ipmn.dicom_out`).
         """
         from ipmn.progress import Progress
 
         progress = progress or Progress("none")
         t0 = time.perf_counter()
+        if dicom_out is not None:  # refused before any work when T1 is not a DICOM series
+            from ipmn.dicom_out import check_dicom_out
+
+            check_dicom_out(t1, self.modalities)
         if prepared is None:
-            prepared = self.prepare(t1, t2, roi, mask, margin_mm, nonfinite, progress)
+            prepared = self.prepare(t1, t2, roi, mask, margin_mm, nonfinite, progress, series, segment)
         volumes, box, per_model_case = prepared["volumes"], prepared["box"], prepared["cases"]
         timing: dict[str, float] = dict(prepared["timing"])
         case = per_model_case[0]
@@ -170,6 +178,13 @@ class Predictor:
 
         result = self._result(mean_probs, model_probs, all_probs, pred, windows, stride, starts, case, tta, fid,
                               levels, volumes, box)
+        if dicom_out is not None:
+            from ipmn.dicom_out import write_dicom_outputs
+
+            progress.stage("dicom", fraction=0.85)
+            t = time.perf_counter()
+            result["dicom"] = write_dicom_outputs(dicom_out, t1, (series or {}).get("t1"), label_img, result, levels)
+            timing["dicom"] = time.perf_counter() - t
         if out is not None:
             progress.stage("write", fraction=0.9)
             t = time.perf_counter()
@@ -192,16 +207,17 @@ class Predictor:
         return out
 
     def prepare(self, t1=None, t2=None, roi=None, mask=None, margin_mm: float = 10.0, nonfinite: str = "refuse",
-                progress=None) -> dict:
+                progress=None, series: dict | None = None, segment: str | None = None) -> dict:
         """Read one case and put it on its ROI grid as every loaded model needs, once per distinct
-        preprocessing (fold models may carry their own Nyúl landmarks). No torch: safe in a worker thread."""
+        preprocessing (fold models may carry their own Nyúl landmarks). No torch: safe in a worker thread.
+        ``series``: DICOM series UID per modality; ``segment``: which segment / ROI of a multi-part file."""
         from ipmn.progress import Progress
 
         progress = progress or Progress("none")
         timing: dict[str, float] = {}
         t0 = time.perf_counter()
         progress.stage("read", fraction=0.05)
-        volumes, box = load_inputs(t1, t2, roi, mask, self.modalities, margin_mm, nonfinite)
+        volumes, box = load_inputs(t1, t2, roi, mask, self.modalities, margin_mm, nonfinite, series, segment)
         timing["read"] = time.perf_counter() - t0
         progress.stage("preprocess", fraction=0.2)
         t = time.perf_counter()
@@ -400,6 +416,8 @@ def serve(stdin=None, stdout=None) -> int:
                 t1=req.get("t1"), t2=req.get("t2"), roi=req.get("roi"), mask=req.get("mask"), out=req["out"],
                 windows=req.get("windows", "central"), tta=bool(req.get("tta", False)),
                 fidelity=bool(req.get("fidelity", False)), progress=events,
+                series={m: req[f"{m}_series"] for m in ("t1", "t2") if req.get(f"{m}_series")},
+                segment=req.get("mask_segment"), dicom_out=req.get("dicom_out"),
             )
             events.emit("done", out=str(req["out"]), prediction=result)
         except IPMNError as exc:

@@ -10,16 +10,16 @@
 * ``predictions.csv``: one row per outer-test prediction: ``case_id, fold, true, prob_<class>..., model,
   pred, prob_<class>_calibrated...`` (``true``/``pred`` are class indices, probabilities before and after
   temperature scaling).
-* ``report.html``: the paper's Table I (architectures) / Table II (inputs and fusion) layout, per-fold
-  tables, learning curves, the pooled confusion matrix, ROC curves, calibration plots (before/after
-  temperature scaling) and a few test grids with their rollout maps — PNGs embedded as base64.
+* ``report.html`` (Jinja2 template ``templates/report.html.j2``): the paper's Table I (architectures) /
+  Table II (inputs and fusion) layout, per-fold tables, learning curves, the pooled confusion matrix, ROC
+  curves, calibration plots (before/after temperature scaling) and a few test grids with their rollout
+  maps — PNGs embedded as base64.
 """
 
 from __future__ import annotations
 
 import base64
 import csv
-import html
 import io
 import json
 import math
@@ -168,11 +168,6 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _img(b64: str, alt: str, width: int | None = None) -> str:
-    w = f' style="max-width:{width}px"' if width else ""
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}"{w}>'
-
-
 def fig_learning_curves(v: dict, metric: str) -> str | None:
     res = v["results"]
     if not res:
@@ -290,114 +285,99 @@ th{background:#f3f3f3} td:first-child,th:first-child{text-align:left}
 """
 
 
-def _table(headers, rows) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
 def _fmt(x, digits=3) -> str:
     return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
 
 
+def _template():
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).with_name("templates")),
+                             autoescape=True, keep_trailing_newline=False)
+    return env.get_template("report.html.j2")
+
+
+def _figures(v: dict, m: dict, select_metric: str) -> tuple[list, list]:
+    """The variant's embedded figures and, for any that failed, a note (a figure never breaks the report)."""
+    figures, notes = [], []
+    for fn, args, alt in ((fig_learning_curves, (v, select_metric), "learning curves"),
+                          (fig_confusion, (m,), "confusion matrix"),
+                          (fig_roc, (v, m["class_names"]), "ROC curves"),
+                          (fig_calibration, (v,), "calibration")):
+        try:
+            b64 = fn(*args)
+        except Exception as exc:  # noqa: BLE001 - a figure never breaks the report
+            notes.append(f"{alt} not drawn: {type(exc).__name__}: {exc}")
+            continue
+        if b64:
+            figures.append({"b64": b64, "alt": alt})
+    return figures, notes
+
+
+def _variant(v: dict, m: dict, run_dir: Path, select_metric: str) -> dict:
+    rows = []
+    for f in m["folds"]:
+        mm, mc = f["metrics"], f["metrics_calibrated"]
+        rows.append([f["fold"] if not f.get("test_center") else f"{f['fold']} ({f['test_center']})",
+                     f["n_train"], f["n_test"], f["selected"]["epoch"], _fmt(f["selected"]["lr"], 6),
+                     _fmt(f["temperature"], 2), *[_fmt(mm[k]) for k in TABLE_METRICS], _fmt(mc["ece"]),
+                     _fmt(mm["nll"]), _fmt(mc["nll"])])
+    p = m["pooled"]
+    pooled = {"n": p["n"], **{k: _fmt(p[k]) for k in ("accuracy", "balanced_accuracy", "macro_auc")}} if p else None
+    figures, notes = _figures(v, m, select_metric)
+    examples = []
+    for e in (e | {"fold": r["fold"]} for r in v["results"] for e in r.get("examples", [])):
+        path = run_dir / e["png"]
+        if path.is_file():
+            examples.append({"b64": base64.b64encode(path.read_bytes()).decode("ascii"),
+                             "alt": f"fold {e['fold']} {e['case_id']}", "width": 540})
+    return {"label": m["label"] or m["name"], "fold_rows": rows, "pooled": pooled, "figures": figures,
+            "figure_notes": notes, "examples": examples}
+
+
+def _readers_html(metrics: dict) -> str:
+    """The model-vs-readers section (ipmn.readers builds it with its own escaping), or nothing."""
+    if not metrics.get("readers"):
+        return ""
+    from ipmn.readers import html_section
+
+    return html_section(metrics["readers"])
+
+
 def _html(data: dict, models: list, metrics: dict, run_dir: Path) -> str:
+    from markupsafe import Markup
+
+    from ipmn.splits import fold_counts
+
     run, splits = data["run"], data["splits"]
     cfg = run.get("resolved_config") or {}
-    info = run.get("cohort_info") or {}
     cohort = run.get("cohort") or {}
     select_metric = (cfg.get("train") or {}).get("select_metric", "balanced_accuracy")
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>IPMN cross-validation report</title>"
-             f"<style>{_CSS}</style></head><body>",
-             "<h1>IPMN risk grading: nested cross-validation</h1>",
-             f"<p class='note'>Run folder {html.escape(str(run_dir))}; written {metrics['written']}. "
-             "Research software; not a medical device.</p>"]
-    if info.get("synthetic"):
-        parts.append("<div class='warn'><b>Synthetic phantoms.</b> These cases are computer-generated phantoms whose "
-                     "labels follow guideline rules visible in the ROI; they are far easier than real IPMN grading. "
-                     "None of these numbers says anything about clinical performance.</div>")
-    if not metrics["complete"]:
-        missing = {m["name"]: m["folds_missing"] for m in models if m["folds_missing"]}
-        parts.append(f"<div class='warn'><b>Partial report.</b> Folds still missing: {html.escape(str(missing))}. "
-                     "Rerun <code>ipmn cv-report</code> when they finish.</div>")
-    n_outer = splits["outer"]
-    parts.append(
-        f"<p>Cohort: {cohort.get('n_cases', '?')} cases, {cohort.get('n_patients', '?')} patients; per class "
-        f"{html.escape(str(cohort.get('per_class', {})))}; per centre {html.escape(str(cohort.get('per_center', {})))}. "
-        f"Outer folds: {n_outer} ({html.escape(splits['group_by'])}-grouped, stratified by {splits['stratified_by']}), "
-        f"inner folds: {splits['inner']}, seed {splits['seed']}. Selected on inner folds only: epoch"
-        f"{' and learning rate' if 'lr' in (cfg.get('cv') or {}).get('select', []) else ''} by mean inner-validation "
-        f"{select_metric}; temperature fitted on pooled inner-validation predictions. Each outer model is trained on "
-        f"its whole outer training set and evaluated once on its outer test fold.</p>")
-    if splits.get("source"):
-        parts.append(f"<p>Split source: {html.escape(splits['source'])}; inner folds are ipmn's.</p>")
-    if cohort.get("notes"):
-        parts.append("<p class='note'>Cohort notes: " + "<br>".join(html.escape(n) for n in cohort["notes"]) + "</p>")
-
-    # Table I / II
+    missing = {m["name"]: m["folds_missing"] for m in models if m["folds_missing"]}
     inputs_vary = len({(tuple(m["modalities"] or []), m["fusion"]) for m in models}) > 1
     archs_vary = len({m["arch"] for m in models}) > 1
     title = ("Table II layout: input modalities and fusion" if inputs_vary and not archs_vary
              else "Table I layout: architectures" if archs_vary and not inputs_vary
              else "Results" if not (archs_vary or inputs_vary) else "Tables I and II layout")
-    parts.append(f"<h2>{title}</h2>")
-    rows = []
-    for m in models:
-        s, sc = m["summary"], m["summary_calibrated"]
-        rows.append([html.escape(m["label"] or m["name"]), f"{len(m['folds_done'])}/{data['n_folds']}",
-                     *[format_mean_std(s[k]) for k in TABLE_METRICS], format_mean_std(sc["ece"])])
-    parts.append(_table(["Method", "folds", *[LABELS[k] for k in TABLE_METRICS], "ECE after T"], rows))
-    parts.append(f"<p class='note'>mean ± sample standard deviation (ddof = {DDOF}) over outer test folds "
-                 "(the paper reports mean ± std over folds; INN reported SEM). Precision, recall, F1: macro averages "
-                 "over the three classes with zero_division = 0; AUC: macro one-vs-rest; ECE: 10 bins.</p>")
-
-    for v, m in zip(data["variants"], models, strict=True):
-        parts.append(f"<h2>{html.escape(m['label'] or m['name'])}</h2>")
-        frows = []
-        for f in m["folds"]:
-            mm, mc = f["metrics"], f["metrics_calibrated"]
-            frows.append([f["fold"] if not f.get("test_center") else f"{f['fold']} ({html.escape(f['test_center'])})",
-                          f["n_train"], f["n_test"], f["selected"]["epoch"], _fmt(f["selected"]["lr"], 6),
-                          _fmt(f["temperature"], 2), *[_fmt(mm[k]) for k in TABLE_METRICS], _fmt(mc["ece"]),
-                          _fmt(mm["nll"]), _fmt(mc["nll"])])
-        parts.append(_table(["fold", "train", "test", "epoch", "lr", "T", *[LABELS[k] for k in TABLE_METRICS],
-                             "ECE after T", "NLL", "NLL after T"], frows))
-        if m["pooled"]:
-            p = m["pooled"]
-            parts.append(f"<p class='note'>Pooled over all {p['n']} test predictions: accuracy {_fmt(p['accuracy'])}, "
-                         f"balanced accuracy {_fmt(p['balanced_accuracy'])}, macro AUC {_fmt(p['macro_auc'])}.</p>")
-        figs = []
-        for fn, args, alt in ((fig_learning_curves, (v, select_metric), "learning curves"),
-                              (fig_confusion, (m,), "confusion matrix"),
-                              (fig_roc, (v, m["class_names"]), "ROC curves"),
-                              (fig_calibration, (v,), "calibration")):
-            try:
-                b64 = fn(*args)
-            except Exception as exc:  # noqa: BLE001 - a figure never breaks the report
-                parts.append(f"<p class='note'>({alt} not drawn: {html.escape(type(exc).__name__)}: {html.escape(str(exc))})</p>")
-                continue
-            if b64:
-                figs.append(_img(b64, alt))
-        parts.append("<div class='figs'>" + "".join(figs) + "</div>")
-        ex = [e | {"fold": r["fold"]} for r in v["results"] for e in r.get("examples", [])]
-        if ex:
-            parts.append("<h3>Test grids with explanation maps (Attention Rollout for ViTs, Grad-CAM for CNNs)</h3><div class='figs'>")
-            for e in ex:
-                path = run_dir / e["png"]
-                if path.is_file():
-                    b64 = base64.b64encode(path.read_bytes()).decode("ascii")
-                    parts.append(_img(b64, f"fold {e['fold']} {e['case_id']}", width=540))
-            parts.append("</div>")
-
-    if metrics.get("readers"):
-        from ipmn.readers import html_section
-
-        parts.append(html_section(metrics["readers"]))
-    parts.append("<h2>Splits</h2>")
-    from ipmn.splits import fold_counts
-
-    parts.append(_table(["fold", "train (per class)", "test (per class)", "test centre"],
-                        [[r["fold"], html.escape(str(r["train"])), html.escape(str(r["test"])), r["test_center"] or ""]
-                         for r in fold_counts(splits, models[0]["class_names"] if models else None)]))
-    parts.append("<p class='note'>Metrics: " + ", ".join(METRICS) + ". Files: metrics.json, predictions.csv, "
-                 "splits.json, &lt;model&gt;/fold_&lt;k&gt;/model (fold model packages).</p></body></html>")
-    return "\n".join(parts)
+    summary_rows = [[m["label"] or m["name"], f"{len(m['folds_done'])}/{data['n_folds']}",
+                     *[format_mean_std(m["summary"][k]) for k in TABLE_METRICS],
+                     format_mean_std(m["summary_calibrated"]["ece"])] for m in models]
+    return _template().render(
+        css=_CSS, run_dir=str(run_dir), written=metrics["written"],
+        synthetic=bool((run.get("cohort_info") or {}).get("synthetic")),
+        missing=str(missing) if not metrics["complete"] else None,
+        cohort={k: cohort.get(k, "?") for k in ("n_cases", "n_patients")}
+        | {k: str(cohort.get(k, {})) for k in ("per_class", "per_center")},
+        splits=splits, select_metric=select_metric, lr_selected="lr" in (cfg.get("cv") or {}).get("select", []),
+        title=title, ddof=DDOF,
+        summary_headers=["Method", "folds", *[LABELS[k] for k in TABLE_METRICS], "ECE after T"],
+        summary_rows=summary_rows,
+        fold_headers=["fold", "train", "test", "epoch", "lr", "T", *[LABELS[k] for k in TABLE_METRICS],
+                      "ECE after T", "NLL", "NLL after T"],
+        variants=[_variant(v, m, run_dir, select_metric) for v, m in zip(data["variants"], models, strict=True)],
+        split_rows=[[r["fold"], str(r["train"]), str(r["test"]), r["test_center"] or ""]
+                    for r in fold_counts(splits, models[0]["class_names"] if models else None)],
+        split_source=splits.get("source"), cohort_notes=list(cohort.get("notes") or []),
+        readers_html=Markup(_readers_html(metrics)),
+        metric_names=", ".join(METRICS),
+    )

@@ -96,8 +96,8 @@ def parse_center_size(text: str) -> ROI:
     return roi_from_center_size(center, size)
 
 
-def read_mrk_json(path: str | os.PathLike) -> ROI:
-    """Read a Slicer markups ROI (``.mrk.json``)."""
+def read_mrk_json(path: str | os.PathLike, name: str | None = None) -> ROI:
+    """Read a Slicer markups ROI (``.mrk.json``); ``name`` picks one of several ROIs in the file."""
     path = Path(path)
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
@@ -109,7 +109,7 @@ def read_mrk_json(path: str | os.PathLike) -> ROI:
     rois = [m for m in (markups or []) if isinstance(m, dict) and m.get("type") == "ROI"]
     if not rois:
         raise IPMNError(f"ROI: {path} holds no markups ROI (a Slicer 'ROI' markup saved as .mrk.json is needed)")
-    m = rois[0]
+    m = _pick_roi(rois, name, path)
     try:
         center = np.array(m["center"], dtype=float)
         size = np.array(m["size"], dtype=float)
@@ -123,6 +123,22 @@ def read_mrk_json(path: str | os.PathLike) -> ROI:
     elif system != "RAS":
         raise IPMNError(f"ROI: {path} uses coordinateSystem {system!r}; LPS or RAS is supported")
     return ROI(center, size, orientation)
+
+
+def _pick_roi(rois: list[dict], name: str | None, path) -> dict:
+    names = [str(m.get("name") or f"ROI {i + 1}") for i, m in enumerate(rois)]
+    if name:
+        found = [m for m, n in zip(rois, names, strict=True) if n.strip().lower() == str(name).strip().lower()]
+        if len(found) != 1:
+            what = "no ROI" if not found else f"{len(found)} ROIs"
+            raise IPMNError(f"ROI: {path} has {what} named {name!r}; its ROIs: {', '.join(map(repr, names))}")
+        return found[0]
+    if len(rois) > 1:
+        raise IPMNError(
+            f"ROI: {path} holds {len(rois)} ROIs ({', '.join(map(repr, names))}); choose one with --mask-segment NAME "
+            "(cohort column mask_segment)"
+        )
+    return rois[0]
 
 
 def write_mrk_json(roi: ROI, path: str | os.PathLike, name: str = "Pancreas ROI") -> Path:
@@ -186,16 +202,32 @@ def roi_from_mask(mask: sitk.Image, margin_mm: float = 10.0, label: int | None =
     return ROI(RAS_TO_LPS @ center_lps, size, axes_ras)
 
 
-def load_roi(spec: str | os.PathLike, margin_mm: float = 10.0, label: int | None = None) -> ROI:
-    """Build an ROI from a ``.mrk.json`` file, a mask/segmentation volume, or ``"R,A,S:W,H,D"``."""
+def load_roi(
+    spec: str | os.PathLike, margin_mm: float = 10.0, label: int | None = None, segment: str | None = None
+) -> ROI:
+    """Build an ROI from a ``.mrk.json`` file, a mask/segmentation volume, or ``"R,A,S:W,H,D"``.
+
+    ``segment`` chooses one ROI of a .mrk.json or one segment of a .seg.nrrd (name or terminology), or
+    is a label value of a plain label map.
+    """
     text = str(spec)
     if looks_like_box(text):
+        if segment:
+            raise IPMNError(f"ROI: --mask-segment {segment!r} needs a .seg.nrrd, .mrk.json or label map, not a box")
         return parse_center_size(text)
     path = Path(text)
     if text.lower().endswith(".json"):
-        return read_mrk_json(path)
+        return read_mrk_json(path, segment)
     if not path.exists():
         raise IPMNError(f"ROI: file not found: {path}")
+    from ipmn.segments import is_segmentation_file, segment_image
+
+    if is_segmentation_file(path):
+        return roi_from_mask(segment_image(path, segment), margin_mm=margin_mm, name=f"{path} segment")
+    if segment:
+        if not str(segment).strip().isdigit():
+            raise IPMNError(f"ROI: {path} has no named segments; --mask-segment takes a label value for it")
+        label = int(segment)
     try:
         mask = sitk.ReadImage(str(path))
     except RuntimeError as exc:

@@ -6,7 +6,7 @@ A model config is a plain JSON-able dict (the ``model`` section, :class:`ipmn.co
 * any timm ViT name (``vit_base_patch16_224`` ...), early fusion (one input channel per modality) or
   late fusion (:class:`LateFusionViT`, one single-channel ViT per modality);
 * CNN baselines ``densenet121``, ``resnet18``, ``efficientnet_b5``, ``mobilenetv2_100`` (timm) and
-  ``alexnet`` (:class:`AlexNet`), early fusion only.
+  ``alexnet`` (torchvision's AlexNet, :class:`AlexNet`), early fusion only.
 
 Model packages (folder with ``model.safetensors`` + ``config.json``): :func:`save_package`,
 :func:`load_package`. Importing this package does not import timm, monai, sklearn or matplotlib.
@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import MODEL_DEFAULTS, MODEL_KEYS, normalize_config
 from ..vocab import MODALITIES
-from .cnn import CNN_ARCHS, GRADCAM_TARGET_LAYERS, AlexNet, build_cnn, cnn_arch_of, gradcam_target_layer
+from .cnn import CNN_ARCHS, GRADCAM_TARGET_LAYERS, build_cnn, cnn_arch_of, gradcam_target_layer
 from .package import (
     CONFIG_FILE,
     FORMAT,
@@ -69,6 +69,15 @@ __all__ = [
     "vit_blocks",
     "vit_branches",
 ]
+
+
+
+def __getattr__(name):
+    if name == "AlexNet":  # torchvision's, imported on first use (see cnn._alexnet)
+        from .cnn import AlexNet
+
+        return AlexNet
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 def build_model(cfg: dict) -> nn.Module:
     """Build the (untrained or pretrained) model described by ``cfg`` (normalised first)."""

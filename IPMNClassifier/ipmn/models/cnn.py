@@ -1,4 +1,4 @@
-"""CNN baselines: timm DenseNet121 / ResNet18 / EfficientNet-B5 / MobileNetV2 and an AlexNet.
+"""CNN baselines: timm DenseNet121 / ResNet18 / EfficientNet-B5 / MobileNetV2 and torchvision's AlexNet.
 
 All take one channel per modality (early fusion) and work at 192 px (any size, in fact: they end with
 global or adaptive pooling). Grad-CAM target layers (``GRADCAM_TARGET_LAYERS``) are the last
@@ -7,14 +7,11 @@ spatial feature map before global pooling, i.e. the usual Grad-CAM choice:
 * ``resnet18`` -> ``layer4`` (512 x 6 x 6 at 192 px, stride 32)
 * ``densenet121`` -> ``features.norm5`` (final BatchNorm+ReLU, 1024 x 6 x 6)
 * ``efficientnet_b5`` / ``mobilenetv2_100`` -> ``bn2`` (BatchNorm+SiLU/ReLU6 after ``conv_head``, 6 x 6)
-* ``alexnet`` -> ``features.relu5`` (after conv5, before the last max-pool, 256 x 11 x 11)
+* ``alexnet`` -> ``features.11`` (the ReLU after conv5, before the last max-pool, 256 x 11 x 11)
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
-import torch
 from torch import nn
 
 from ..errors import IPMNError
@@ -27,63 +24,69 @@ GRADCAM_TARGET_LAYERS = {
     "densenet121": "features.norm5",
     "efficientnet_b5": "bn2",
     "mobilenetv2_100": "bn2",
-    "alexnet": "features.relu5",
+    "alexnet": "features.11",
 }
 
 
-class AlexNet(nn.Module):
-    """AlexNet (Krizhevsky et al. 2012, single-tower layout), ``in_chans`` inputs, any size >= 64 px.
+# The layer names of the hand-written AlexNet that packages saved before the switch to torchvision use.
+_OLD_ALEXNET_KEYS = {"features.conv1": "features.0", "features.conv2": "features.3", "features.conv3": "features.6",
+                     "features.conv4": "features.8", "features.conv5": "features.10", "classifier.fc1": "classifier.1",
+                     "classifier.fc2": "classifier.4", "classifier.fc3": "classifier.6"}
 
-    At 192 px: conv1 (11x11/4) 47x47 -> pool 23 -> conv2 23 -> pool 11 -> conv3-5 11 -> pool 5 ->
-    adaptive average pooling to 6x6 -> 4096 -> 4096 -> classes. ReLUs are not in-place so that
-    Grad-CAM's backward hooks work. No pretrained weights exist for this 2-channel variant.
-    """
 
-    arch = "alexnet"
+def _alexnet_class():
+    from torchvision.models import AlexNet as TorchvisionAlexNet
 
-    def __init__(self, in_chans: int = 2, num_classes: int = 3, drop_rate: float = 0.0):
-        super().__init__()
-        self.num_classes = int(num_classes)
-        self.features = nn.Sequential(
-            OrderedDict(
-                conv1=nn.Conv2d(in_chans, 64, kernel_size=11, stride=4, padding=2),
-                relu1=nn.ReLU(),
-                pool1=nn.MaxPool2d(kernel_size=3, stride=2),
-                conv2=nn.Conv2d(64, 192, kernel_size=5, padding=2),
-                relu2=nn.ReLU(),
-                pool2=nn.MaxPool2d(kernel_size=3, stride=2),
-                conv3=nn.Conv2d(192, 384, kernel_size=3, padding=1),
-                relu3=nn.ReLU(),
-                conv4=nn.Conv2d(384, 256, kernel_size=3, padding=1),
-                relu4=nn.ReLU(),
-                conv5=nn.Conv2d(256, 256, kernel_size=3, padding=1),
-                relu5=nn.ReLU(),
-                pool5=nn.MaxPool2d(kernel_size=3, stride=2),
-            )
-        )
-        self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
-        self.classifier = nn.Sequential(
-            OrderedDict(
-                drop1=nn.Dropout(drop_rate),
-                fc1=nn.Linear(256 * 6 * 6, 4096),
-                relu1=nn.ReLU(),
-                drop2=nn.Dropout(drop_rate),
-                fc2=nn.Linear(4096, 4096),
-                relu2=nn.ReLU(),
-                fc3=nn.Linear(4096, self.num_classes),
-            )
-        )
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+    class AlexNet(TorchvisionAlexNet):
+        """torchvision's AlexNet with its first convolution taking ``in_chans`` inputs, any size >= 64 px.
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.avgpool(self.features(x))
-        return self.classifier(torch.flatten(x, 1))
+        At 192 px: conv1 (11x11/4) 47x47 -> pool 23 -> conv2 23 -> pool 11 -> conv3-5 11 -> pool 5 ->
+        adaptive average pooling to 6x6 -> 4096 -> 4096 -> classes. No pretrained weights exist for this
+        2-channel variant; the initialisation (Kaiming for convolutions, N(0, 0.01) for the linear layers)
+        is the one the IPMN baselines were trained with.
+        """
+
+        arch = "alexnet"
+
+        def __init__(self, in_chans: int = 2, num_classes: int = 3, drop_rate: float = 0.0):
+            super().__init__(num_classes=int(num_classes), dropout=float(drop_rate))
+            self.num_classes = int(num_classes)
+            self.features[0] = nn.Conv2d(in_chans, 64, kernel_size=11, stride=4, padding=2)
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                    nn.init.zeros_(m.bias)
+                elif isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, 0.0, 0.01)
+                    nn.init.zeros_(m.bias)
+            self._register_load_state_dict_pre_hook(_rename_old_alexnet_keys)
+
+    AlexNet.__qualname__ = "AlexNet"
+    return AlexNet
+
+
+def _rename_old_alexnet_keys(state_dict, prefix, *_args):
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        layer, _, param = key[len(prefix):].rpartition(".")
+        if layer in _OLD_ALEXNET_KEYS:
+            state_dict[f"{prefix}{_OLD_ALEXNET_KEYS[layer]}.{param}"] = state_dict.pop(key)
+
+
+_ALEXNET = None
+
+
+def _alexnet():
+    """The AlexNet class, built on first use: importing torchvision costs seconds of start-up."""
+    global _ALEXNET
+    if _ALEXNET is None:
+        _ALEXNET = _alexnet_class()
+    return _ALEXNET
+
+
+def __getattr__(name):
+    if name == "AlexNet":
+        return _alexnet()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_cnn(cfg: dict) -> nn.Module:
@@ -93,7 +96,7 @@ def build_cnn(cfg: dict) -> nn.Module:
     if arch == "alexnet":
         if cfg["pretrained"] not in (None, False, ""):
             raise IPMNError("no pretrained weights exist for the 2-channel alexnet; set pretrained to null")
-        return AlexNet(in_chans=in_chans, num_classes=cfg["num_classes"], drop_rate=cfg["drop_rate"])
+        return _alexnet()(in_chans=in_chans, num_classes=cfg["num_classes"], drop_rate=cfg["drop_rate"])
     kwargs = dict(in_chans=in_chans, num_classes=cfg["num_classes"], drop_rate=cfg["drop_rate"])
     if cfg["drop_path_rate"]:
         kwargs["drop_path_rate"] = cfg["drop_path_rate"]
@@ -102,7 +105,7 @@ def build_cnn(cfg: dict) -> nn.Module:
 
 def cnn_arch_of(model: nn.Module) -> str | None:
     """The zoo name of a CNN built here (timm's ``pretrained_cfg['architecture']``), else None."""
-    if isinstance(model, AlexNet):
+    if _ALEXNET is not None and isinstance(model, _ALEXNET):
         return "alexnet"
     cfg = getattr(model, "pretrained_cfg", None) or {}
     arch = cfg.get("architecture")

@@ -56,42 +56,25 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
-def _unwrap_state_dict(obj):
-    """Mimic timm's ``load_state_dict`` unwrapping (EMA / 'state_dict' / 'model' keys, 'module.' prefix)."""
-    if isinstance(obj, dict):
-        for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict):
-        return None
-    return {(k[7:] if isinstance(k, str) and k.startswith("module.") else k): v for k, v in obj.items()}
-
-
 def _checkpoint_keys(path: str) -> set[str]:
-    """Names of the tensors in a local state-dict file (safetensors header, or torch.load weights_only)."""
-    if path.lower().endswith(".safetensors"):
-        from safetensors import safe_open
+    """Names of the tensors in a local state-dict file, read by ``timm.models.load_state_dict``.
 
-        try:
-            with safe_open(path, framework="pt") as f:
-                keys = list(f.keys())
-        except Exception as exc:  # corrupt / not safetensors
-            raise IPMNError(f"cannot read pretrained weights {path}: {_first_line(exc)}") from exc
-        sd = _unwrap_state_dict(dict.fromkeys(keys))
-        return set(sd)
+    timm unwraps EMA / 'state_dict' / 'model' entries and DDP / compile prefixes as its own loader does;
+    ``.pth``/``.pt``/``.bin`` files are read with ``weights_only=True`` (nothing is unpickled).
+    """
+    from timm.models import load_state_dict
+
+    safetensors = path.lower().endswith(".safetensors")
     try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
+        sd = load_state_dict(path, use_ema=True, device="cpu", weights_only=True)
+    except Exception as exc:  # corrupt, not safetensors, or a pickle that needs more than tensors
+        if safetensors:
+            raise IPMNError(f"cannot read pretrained weights {path}: {_first_line(exc)}") from exc
         raise IPMNError(
             f"cannot read pretrained weights {path} as a plain PyTorch state dict "
             f"(only tensors are accepted, nothing is unpickled): {_first_line(exc)}"
         ) from exc
-    sd = _unwrap_state_dict(obj)
-    if sd is None:
+    if not isinstance(sd, dict):
         raise IPMNError(f"pretrained file {path} does not contain a state dict (a dict of tensors)")
     return set(sd)
 
