@@ -232,6 +232,7 @@ def run_fold(run_dir: Path, variant: dict, cfg: dict, splits: dict, fold: int, c
     metrics = classification_metrics(y, probs, nc)
     metrics_t = classification_metrics(y, probs_t, nc)
     examples = _examples(fold_dir, model, test_cases, arrays, probs, variant, cvc["examples"], pkg)
+    localisation = _localisation(fold_dir / "model", test_cases, cfg, str(dev))
     result = {
         "fold": fold,
         "variant": variant["name"],
@@ -256,6 +257,7 @@ def run_fold(run_dir: Path, variant: dict, cfg: dict, splits: dict, fold: int, c
         "inner_curves": [{"lr": c["lr"], "runs": [[{k2: v for k2, v in h.items() if k2 != "val_logits"} for h in r]
                                                   for r in c["runs"]]} for c in curves],
         "examples": examples,
+        "localisation": localisation,
         "class_names": variant["model"]["class_names"],
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
@@ -264,6 +266,28 @@ def run_fold(run_dir: Path, variant: dict, cfg: dict, splits: dict, fold: int, c
                                                             "macro_recall", "macro_f1", "macro_auc", "ece")},
                             ece_calibrated=metrics_t["ece"], selected_epoch=sel["epoch"], selected_lr=sel["lr"])
     return result
+
+
+def _localisation(model_dir: Path, test_cases, cfg: dict, device: str) -> dict | None:
+    """Where the fold model's maps sit on the outer test cases that have a lesion mask: the pointing game
+    and attention lift of :mod:`ipmn.evaluate`, computed through the prediction path (maps in T1's
+    geometry), so the numbers mean what ``ipmn evaluate`` reports. None when no test case has a mask."""
+    cases = [c for c in test_cases if getattr(c, "lesion", None)]
+    if not cases:
+        return None
+    from ipmn.evaluate import localisation_summary, localise
+    from ipmn.predict import Predictor
+
+    predictor = Predictor([model_dir], device=device, precision="fp32")
+    rows = []
+    for c in cases:
+        predictor.predict(t1=c.t1, t2=c.t2, roi=c.roi, mask=c.mask, windows=cfg["train"]["val_windows"],
+                          margin_mm=cfg["data"]["roi_margin_mm"], nonfinite=cfg["data"]["nonfinite"],
+                          pad=cfg["data"]["pad"])
+        loc = localise(predictor.last_maps["attention"], predictor.last_maps["inside"], c.lesion)
+        rows.append({"case_id": c.case_id, "label": c.label_name, "pointing_hit": loc["hit"],
+                     "distance_mm": loc["distance_mm"], "lift": loc["lift"]})
+    return {"cases": rows, **localisation_summary(rows, "label")}
 
 
 def _examples(fold_dir: Path, model, test_cases, arrays, probs, variant, n: int, pkg: dict) -> list[dict]:

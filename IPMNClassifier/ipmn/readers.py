@@ -14,6 +14,7 @@ is one point on it, beside the model's sensitivity at that reader's specificity.
 
 from __future__ import annotations
 
+import html
 import re
 import shutil
 from pathlib import Path
@@ -210,10 +211,19 @@ def fig_readers_roc(entry: dict) -> str | None:
     return _png(fig)
 
 
-def html_section(cmp: dict) -> str:
-    import html
+def _table(headers, rows) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
 
-    from ipmn.report import _fmt, _img, _table
+
+def _img(b64: str, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
+
+
+def html_section(cmp: dict) -> str:
+    """The model-vs-readers part of report.html (inserted as is by the report template)."""
+    from ipmn.report import _fmt
 
     esc = html.escape
     parts = [f"<h2>Model vs readers</h2><p class='note'>Readers' table {esc(cmp['table'])} ({cmp['n_rows']} rows; "

@@ -94,9 +94,20 @@ def _model_entry(v: dict) -> dict:
         "pooled": classification_metrics(y, probs, len(names)) if len(y) else None,
         "pooled_calibrated": classification_metrics(y, probs_t, len(names)) if len(y) else None,
         "pooled_confusion": pooled_confusion(fold_metrics),
+        "localisation": _pooled_localisation(res),
         "folds_done": [r["fold"] for r in res],
         "folds_missing": v["missing"],
     }
+
+
+def _pooled_localisation(results: list) -> dict | None:
+    """Pointing game and lift over every outer test case with a lesion mask (all folds pooled)."""
+    rows = [row for r in results for row in ((r.get("localisation") or {}).get("cases") or [])]
+    if not rows:
+        return None
+    from ipmn.evaluate import localisation_summary
+
+    return localisation_summary(rows, "label")
 
 
 def write_predictions(dest: Path, data: dict) -> Path:
@@ -324,6 +335,10 @@ def _variant(v: dict, m: dict, run_dir: Path, select_metric: str) -> dict:
                      _fmt(mm["nll"]), _fmt(mc["nll"])])
     p = m["pooled"]
     pooled = {"n": p["n"], **{k: _fmt(p[k]) for k in ("accuracy", "balanced_accuracy", "macro_auc")}} if p else None
+    loc = (m.get("localisation") or {}).get("overall")
+    localisation = ({"n": loc["n"], "pointing_game": _fmt(loc["pointing_game"]), "hits": loc["pointing_hits"],
+                     "lift_median": _fmt(loc["lift_median"]), "lift_mean": _fmt(loc["lift_mean"])}
+                    if loc and loc["n"] else None)
     figures, notes = _figures(v, m, select_metric)
     examples = []
     for e in (e | {"fold": r["fold"]} for r in v["results"] for e in r.get("examples", [])):
@@ -331,7 +346,8 @@ def _variant(v: dict, m: dict, run_dir: Path, select_metric: str) -> dict:
         if path.is_file():
             examples.append({"b64": base64.b64encode(path.read_bytes()).decode("ascii"),
                              "alt": f"fold {e['fold']} {e['case_id']}", "width": 540})
-    return {"label": m["label"] or m["name"], "fold_rows": rows, "pooled": pooled, "figures": figures,
+    return {"label": m["label"] or m["name"], "fold_rows": rows, "pooled": pooled, "localisation": localisation,
+            "figures": figures,
             "figure_notes": notes, "examples": examples}
 
 
