@@ -142,3 +142,15 @@ def test_cohort_lists_lesion_masks(phantom_cohort):
         assert lesion.GetSize() == t1.GetSize()
         has_lesion = bool(sitk.GetArrayViewFromImage(lesion).any())
         assert has_lesion == (r["label"] != "normal"), r
+
+
+def test_cohort_is_the_same_with_worker_processes(tmp_path):
+    from ipmn.phantoms import make_cohort
+
+    one = make_cohort(tmp_path / "one", n=3, seed=21)
+    two = make_cohort(tmp_path / "two", n=3, seed=21, workers=2)
+    assert one.read_text() == two.read_text()
+    for row in csv.DictReader(open(one)):
+        a = sitk.GetArrayFromImage(sitk.ReadImage(str(one.parent / row["t2"])))
+        b = sitk.GetArrayFromImage(sitk.ReadImage(str(two.parent / row["t2"])))
+        np.testing.assert_array_equal(a, b)

@@ -446,12 +446,36 @@ def balanced_labels(n: int, rng) -> list[int]:
     return labels
 
 
-def make_cohort(out: str | Path, n: int = 60, seed: int = 0, centers: int = 1, progress=None) -> Path:
-    """Write ``n`` phantom cases and ``cohort.csv`` into ``out``; returns the manifest path."""
+def _cohort_case(job: tuple) -> tuple[dict, dict]:
+    """Write one cohort case (runs in a worker process when ``workers`` > 1): (manifest row, truth)."""
+    out, case_id, case_seed, label, center = job
+    case = make_case(case_seed, label, center=center)
+    paths = write_case(case, out / "cases", case_id)
+    row = {
+        "case_id": case_id,
+        "t1": paths["t1"].relative_to(out).as_posix(),
+        "t2": paths["t2"].relative_to(out).as_posix(),
+        "roi": paths["roi"].relative_to(out).as_posix(),
+        "label": CLASS_NAMES[label],
+        "center": center,
+        "mask": paths["mask"].relative_to(out).as_posix(),
+        "lesion": paths["lesion"].relative_to(out).as_posix(),
+    }
+    return row, case["info"]
+
+
+def make_cohort(out: str | Path, n: int = 60, seed: int = 0, centers: int = 1, progress=None, workers: int = 1) -> Path:
+    """Write ``n`` phantom cases and ``cohort.csv`` into ``out``; returns the manifest path.
+
+    ``workers`` > 1 renders cases in that many processes; the cohort is the same for any ``workers``
+    (every case's seed, label and id are drawn up front from ``seed``).
+    """
     if n < 1:
         raise IPMNError(f"--n must be at least 1 (got {n})")
     if not 1 <= centers <= len(CENTERS):
         raise IPMNError(f"--centers must be between 1 and {len(CENTERS)} (got {centers})")
+    if workers < 1:
+        raise IPMNError(f"--workers must be at least 1 (got {workers})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     root = np.random.SeedSequence(seed)
@@ -459,8 +483,7 @@ def make_cohort(out: str | Path, n: int = 60, seed: int = 0, centers: int = 1, p
     labels = balanced_labels(n, rng)
     case_seeds = root.spawn(n + 1)[1:]
     used = set()
-    rows = []
-    truth = {}
+    jobs = []
     for i, (label, ss) in enumerate(zip(labels, case_seeds, strict=True)):
         case_rng = np.random.default_rng(ss)
         while True:
@@ -468,24 +491,26 @@ def make_cohort(out: str | Path, n: int = 60, seed: int = 0, centers: int = 1, p
             if case_id not in used:
                 used.add(case_id)
                 break
-        center = CENTERS[i % centers]
-        case = make_case(int(case_rng.integers(0, 2**31)), label, center=center)
-        paths = write_case(case, out / "cases", case_id)
-        rows.append(
-            {
-                "case_id": case_id,
-                "t1": paths["t1"].relative_to(out).as_posix(),
-                "t2": paths["t2"].relative_to(out).as_posix(),
-                "roi": paths["roi"].relative_to(out).as_posix(),
-                "label": CLASS_NAMES[label],
-                "center": center,
-                "mask": paths["mask"].relative_to(out).as_posix(),
-                "lesion": paths["lesion"].relative_to(out).as_posix(),
-            }
-        )
-        truth[case_id] = case["info"]
-        if progress:
-            progress(i + 1, n)
+        jobs.append((out, case_id, int(case_rng.integers(0, 2**31)), label, CENTERS[i % centers]))
+    rows = []
+    truth = {}
+    if workers == 1:
+        results = map(_cohort_case, jobs)
+        pool = None
+    else:
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(max_workers=workers)
+        results = pool.map(_cohort_case, jobs)
+    try:
+        for i, (row, info) in enumerate(results):
+            rows.append(row)
+            truth[row["case_id"]] = info
+            if progress:
+                progress(i + 1, n)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     rows.sort(key=lambda r: r["case_id"])
     manifest = out / "cohort.csv"
     from ipmn.io import atomic_path
