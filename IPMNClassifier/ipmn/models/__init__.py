@@ -89,6 +89,8 @@ MODEL_DEFAULTS = {
     "embed_dim": None,
     "num_heads": None,
     "patch_size": None,
+    "stem": "patch",  # ViT patch embedding: patch (timm's linear) | conv (ipmn.models.stems, from scratch)
+    "reg_tokens": 0,  # ViT register tokens (Darcet 2024); Attention Rollout reads patch tokens only
     "drop_rate": 0.0,
     "drop_path_rate": 0.0,
     "pretrained": None,
@@ -229,6 +231,15 @@ def normalize_config(cfg: dict | None = None) -> dict:
     if out["patch_size"] is not None and out["img_size"] % out["patch_size"]:
         raise IPMNError(f"img_size {out['img_size']} is not a multiple of patch_size {out['patch_size']}")
 
+    from .stems import STEMS
+
+    if out["stem"] not in STEMS:
+        raise IPMNError(f"stem must be one of {', '.join(STEMS)}, got {out['stem']!r}")
+    if not _is_int(out["reg_tokens"]) or out["reg_tokens"] < 0:
+        raise IPMNError(f"reg_tokens must be an integer >= 0, got {out['reg_tokens']!r}")
+    if not vit and (out["stem"] != "patch" or out["reg_tokens"]):
+        raise IPMNError(f"stem and reg_tokens are ViT settings; '{arch}' is a CNN (remove them)")
+
     for key in ("drop_rate", "drop_path_rate"):
         v = out[key]
         if not _is_number(v) or not 0.0 <= v < 1.0:
@@ -241,6 +252,8 @@ def normalize_config(cfg: dict | None = None) -> dict:
     if pre is not None and not isinstance(pre, str):
         raise IPMNError(f"pretrained must be null, 'hub' or a weights file path, got {pre!r}")
     out["pretrained"] = pre
+    if pre is not None and out["stem"] != "patch":
+        raise IPMNError(f"stem '{out['stem']}' is for training from scratch; pretrained weights need stem 'patch'")
     return out
 
 
