@@ -275,7 +275,7 @@ def _anatomy(rng, label: int) -> tuple[Anatomy, dict]:
             anat.lesions.append(Lesion("cyst", c, rng.uniform(4.0, 12.5)))
         anat.duct_r = rng.uniform(0.8, 2.2)
     elif label == 2:
-        scenario = rng.choice(["nodule", "duct", "large"], p=[0.45, 0.35, 0.2])
+        scenario = rng.choice(["nodule", "duct", "large"], p=[0.6, 0.25, 0.15])  # nodules: the hard case
         if scenario == "nodule":
             cyst_r = rng.uniform(8.5, 13.5)
             c, _r = place(cyst_r)
