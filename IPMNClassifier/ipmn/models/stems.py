@@ -27,9 +27,9 @@ def _conv_stem_layer_class():
     from timm.layers import PatchEmbed
 
     class ConvStemEmbed(PatchEmbed):
-        """``log2(patch)`` 3x3 stride-2 conv + BatchNorm + ReLU stages (channels doubling up to
-        ``embed_dim / 2``, starting at ``embed_dim / 2**stages``... at least 16), then a 1x1 conv to
-        ``embed_dim``. Same output as :class:`timm.layers.PatchEmbed`: (B, tokens, embed_dim)."""
+        """``log2(patch)`` stages of 3x3 stride-2 conv + BatchNorm + ReLU (stage ``i`` of ``n`` has
+        ``max(16, embed_dim / 2**(n - i))`` channels, doubling up to ``embed_dim / 2``), then a 1x1 conv
+        to ``embed_dim``. Same output as :class:`timm.layers.PatchEmbed`: (B, tokens, embed_dim)."""
 
         def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, **kwargs):
             kwargs.pop("bias", None)
