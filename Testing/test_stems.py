@@ -26,6 +26,10 @@ def test_conv_stem_keeps_the_token_grid_and_is_local():
     rows, cols = torch.nonzero(g, as_tuple=True)
     assert rows.min() >= 5 * 16 - 16 and rows.max() < 6 * 16 + 16
     assert cols.min() >= 7 * 16 - 16 and cols.max() < 8 * 16 + 16
+    # symmetric about the patch centre (7.5 px into the patch): no half-patch shift of the rollout map
+    ys, xs = torch.meshgrid(torch.arange(192.0), torch.arange(192.0), indexing="ij")
+    assert abs(float((g * ys).sum() / g.sum()) - (5 * 16 + 7.5)) < 1.0
+    assert abs(float((g * xs).sum() / g.sum()) - (7 * 16 + 7.5)) < 1.0
     blocks = g.reshape(12, 16, 12, 16).sum((1, 3))  # gradient mass per 16x16 patch
     assert divmod(int(blocks.argmax()), 12) == (5, 7)  # centred on its own patch
 
