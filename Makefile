@@ -44,10 +44,10 @@ bench-gpu: venv
 	$(BIN)/python Testing/Benchmarks/bench_train.py --device cuda --arch vit_base_patch16_224 --depth 12 --batch 32 --amp bf16 --skip-cv --out bench-train-gpu.json
 	$(BIN)/python Testing/Benchmarks/bench_predict.py --device cuda --naive-runs 0 --out bench-predict-gpu.json
 
-## Rebuild the shipped demo model (synthetic phantoms only; ~15 min on a 2-core CPU)
+## Rebuild the shipped demo model (synthetic phantoms only; time on a shared 2-core CPU in README)
 DEMO_COHORT := build/demo-cohort
 demo-model: venv
-	$(BIN)/ipmn phantoms --n 180 --seed 2 --out $(DEMO_COHORT) --quiet
+	$(BIN)/ipmn phantoms --n 300 --seed 5 --workers 2 --out $(DEMO_COHORT) --quiet
 	IPMN_CACHE_DIR=build/cache $(BIN)/ipmn train --cohort $(DEMO_COHORT)/cohort.csv --config demo \
 	  --out Resources/DemoModel --work-dir build/demo-train --device cpu --overwrite
 

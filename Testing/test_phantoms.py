@@ -77,3 +77,80 @@ def test_label_inside_roi_not_in_global_statistics(phantom_cohort):
     assert all(t["cyst_volume_ml"] > 0 for t in by_label[1])
     assert all(t["stigmata"] or t["worrisome"] for t in by_label[2])
     assert all(max(t["cyst_diameters_mm"], default=0) < 30 and t["duct_diameter_mm"] < 5 for t in by_label[1])
+
+
+def _nodule_case(nodule=True):
+    """The first high-risk phantom (seeds 0, 1, ...) whose high-risk finding is a mural nodule."""
+    for seed in range(50):
+        case = make_case(seed, 2, nodule=nodule)
+        if case["info"]["scenario"] == "nodule":
+            return seed, case
+    raise AssertionError("no nodule scenario among 50 seeds")
+
+
+def test_nodule_is_a_filling_defect_dark_on_t2_bright_on_t1():
+    _, case = _nodule_case()
+    lesion = sitk.GetArrayFromImage(case["lesion"])
+    t1 = sitk.GetArrayFromImage(case["t1"]).astype(np.float32)
+    t2 = sitk.GetArrayFromImage(sitk.Resample(case["t2"], case["t1"], sitk.Transform(), sitk.sitkLinear, 0.0))
+    nodule, fluid = lesion == 2, lesion == 1
+    assert nodule.sum() >= 10 and fluid.sum() > 10 * nodule.sum()
+    # measured through each scan's own noise, bias field, partial volume and the 0-1.5 mm T2 shift
+    assert np.median(t1[nodule]) > 2.0 * np.median(t1[fluid])
+    assert np.median(t2[nodule]) < 0.7 * np.median(t2[fluid])
+    shift = np.linalg.norm(case["info"]["t2_shift_mm"])
+    assert shift <= 1.5 + 1e-6
+
+
+def test_lesion_mask_lies_on_t1_geometry():
+    _, case = _nodule_case()
+    t1, lesion = case["t1"], case["lesion"]
+    assert lesion.GetSize() == t1.GetSize()
+    np.testing.assert_allclose(lesion.GetOrigin(), t1.GetOrigin())
+    np.testing.assert_allclose(lesion.GetSpacing(), t1.GetSpacing())
+    np.testing.assert_allclose(lesion.GetDirection(), t1.GetDirection())
+    # the lesion sits inside the pancreas ROI box
+    roi = case["roi"]
+    idx = np.argwhere(sitk.GetArrayViewFromImage(lesion) > 0)[:, ::-1]  # (x, y, z) indices
+    lps = np.array([t1.TransformIndexToPhysicalPoint([int(v) for v in i]) for i in idx[:: max(1, len(idx) // 200)]])
+    ras = lps * np.array([-1, -1, 1])
+    half = np.asarray(roi.size) / 2
+    assert np.all(np.abs(ras - np.asarray(roi.center)) <= half + 1.0)
+
+
+def test_nodule_ablation_changes_only_the_nodule():
+    seed, with_nodule = _nodule_case()
+    without = make_case(seed, 2, nodule=False)
+    assert without["info"]["nodule_removed"]
+    lesion = sitk.GetArrayFromImage(with_nodule["lesion"])
+    assert not (sitk.GetArrayViewFromImage(without["lesion"]) == 2).any()
+    a = sitk.GetArrayFromImage(with_nodule["t1"]).astype(np.int32)
+    b = sitk.GetArrayFromImage(without["t1"]).astype(np.int32)
+    changed = a != b
+    assert changed.any()
+    # every changed voxel is within a voxel or two of the nodule (partial-volume edge)
+    from scipy.ndimage import binary_dilation
+
+    assert not (changed & ~binary_dilation(lesion == 2, iterations=2)).any()
+
+
+def test_cohort_lists_lesion_masks(phantom_cohort):
+    rows = list(csv.DictReader(open(phantom_cohort)))
+    for r in rows:
+        lesion = sitk.ReadImage(str(phantom_cohort.parent / r["lesion"]))
+        t1 = sitk.ReadImage(str(phantom_cohort.parent / r["t1"]))
+        assert lesion.GetSize() == t1.GetSize()
+        has_lesion = bool(sitk.GetArrayViewFromImage(lesion).any())
+        assert has_lesion == (r["label"] != "normal"), r
+
+
+def test_cohort_is_the_same_with_worker_processes(tmp_path):
+    from ipmn.phantoms import make_cohort
+
+    one = make_cohort(tmp_path / "one", n=3, seed=21)
+    two = make_cohort(tmp_path / "two", n=3, seed=21, workers=2)
+    assert one.read_text() == two.read_text()
+    for row in csv.DictReader(open(one)):
+        a = sitk.GetArrayFromImage(sitk.ReadImage(str(one.parent / row["t2"])))
+        b = sitk.GetArrayFromImage(sitk.ReadImage(str(two.parent / row["t2"])))
+        np.testing.assert_array_equal(a, b)

@@ -39,7 +39,8 @@ def cmd_phantoms(args) -> int:
         if not args.quiet:
             print(f"phantom {i}/{n}", file=sys.stderr, flush=True)
 
-    manifest = make_cohort(args.out, n=args.n, seed=args.seed, centers=args.centers, progress=progress)
+    manifest = make_cohort(args.out, n=args.n, seed=args.seed, centers=args.centers, progress=progress,
+                           workers=args.workers)
     print(f"wrote {args.n} phantom cases and {manifest}")
     return 0
 
@@ -151,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--centers", type=int, default=1, help="number of simulated centres (1-3)")
+    p.add_argument("--workers", type=int, default=1, help="processes rendering cases (same cohort for any number)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_phantoms)
 

@@ -116,12 +116,12 @@ def _overrides(args, cv: bool = False) -> dict:
 
 def _drop_vit_overrides_for_cnn(raw: dict, arch: str) -> None:
     """``--arch densenet121`` on a ViT config: the ViT-only keys (depth, embed_dim ...) do not apply."""
-    from ipmn.config import VIT_OVERRIDES
+    from ipmn.config import VIT_ONLY
     from ipmn.models import is_vit_arch
     from ipmn.vocab import resolve_arch
 
     if not is_vit_arch(resolve_arch(arch)):
-        for key in VIT_OVERRIDES:
+        for key in VIT_ONLY:
             (raw.get("model") or {}).pop(key, None)
 
 

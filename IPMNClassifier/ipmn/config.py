@@ -87,6 +87,10 @@ class Section:
 
 # ------------------------------------------------------------------------------------------------ model
 VIT_OVERRIDES = ("depth", "embed_dim", "num_heads", "patch_size")
+STEMS = ("patch", "conv")
+VIT_ONLY = (*VIT_OVERRIDES, "stem", "reg_tokens")
+"""Model keys that only ViTs take: a CNN variant of a ViT config drops them (``--arch``, ``--models``)."""
+"""ViT patch embeddings: timm's linear patches, or the convolutional stem of :mod:`ipmn.models.stems`."""
 """Model keys passed straight to ``timm.create_model`` for ViTs when set (``None`` = timm's value)."""
 
 
@@ -107,6 +111,8 @@ class ModelConfig(Section):
     embed_dim: int | None = None
     num_heads: int | None = None
     patch_size: int | None = None
+    stem: str = "patch"  # ViT patch embedding: patch (timm's linear) | conv (ipmn.models.stems, from scratch)
+    reg_tokens: int = 0  # ViT register tokens (Darcet 2024); Attention Rollout reads patch tokens only
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     pretrained: str | None = None  # None | "hub" | a local weights file
@@ -126,6 +132,12 @@ class ModelConfig(Section):
                 raise IPMNError(f"{key} must be a positive integer, got {v!r}")
         if self.patch_size is not None and self.img_size % self.patch_size:
             raise IPMNError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        if self.stem not in STEMS:
+            raise IPMNError(f"stem must be one of {', '.join(STEMS)}, got {self.stem!r}")
+        if not _is_int(self.reg_tokens) or self.reg_tokens < 0:
+            raise IPMNError(f"reg_tokens must be an integer >= 0, got {self.reg_tokens!r}")
+        if not vit and (self.stem != "patch" or self.reg_tokens):
+            raise IPMNError(f"stem and reg_tokens are ViT settings; '{self.arch}' is a CNN (remove them)")
         for key in ("drop_rate", "drop_path_rate"):
             v = getattr(self, key)
             if not _is_number(v) or not 0.0 <= v < 1.0:
@@ -135,6 +147,8 @@ class ModelConfig(Section):
         if pre is not None and not isinstance(pre, str):
             raise IPMNError(f"pretrained must be null, 'hub' or a weights file path, got {pre!r}")
         self.pretrained = pre
+        if pre is not None and self.stem != "patch":
+            raise IPMNError(f"stem '{self.stem}' is for training from scratch; pretrained weights need stem 'patch'")
 
     def _validate_arch(self) -> bool:
         from ipmn.models.cnn import CNN_ARCHS

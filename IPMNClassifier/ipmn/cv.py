@@ -58,7 +58,7 @@ from ipmn.io import write_json
 # ------------------------------------------------------------------------------------------------ variants
 def make_variants(cfg: dict, models=None, modalities=None, fusions=None) -> list[dict]:
     """The (arch, modalities, fusion) combinations to cross-validate on the same splits."""
-    from ipmn.config import VIT_OVERRIDES, normalize_config
+    from ipmn.config import VIT_ONLY, normalize_config
     from ipmn.models import is_vit_arch
     from ipmn.vocab import modality_set, resolve_arch, slug
 
@@ -89,8 +89,8 @@ def make_variants(cfg: dict, models=None, modalities=None, fusions=None) -> list
                 m = dict(base, arch=arch, modalities=list(mods), fusion=f_eff)
                 if arch != base["arch"]:
                     if not vit:
-                        for o in VIT_OVERRIDES:
-                            m[o] = None
+                        for o in VIT_ONLY:
+                            m.pop(o, None)
                     if m.get("pretrained") not in (None, "hub"):
                         m["pretrained"] = None
                 out.append({"arch": arch, "modalities": list(mods), "fusion": f_eff, "model": normalize_config(m)})

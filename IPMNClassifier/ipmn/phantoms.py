@@ -12,9 +12,17 @@ Labels follow the Fukuoka/Kyoto rules and are visible only inside the pancreas R
 * high risk: an enhancing mural nodule ≥ 5 mm inside a cyst, or a main duct ≥ 10 mm, or a cyst ≥ 30 mm
   with a worrisome feature (thick enhancing wall, duct 5–9 mm).
 
-Cysts/duct are bright on T2 and dark on T1; nodules and walls are intermediate. Everything that could
-leak the label outside the ROI — gain, field of view, matrix, ROI size, file names — is drawn
-independently of the label. These phantoms are far easier than real IPMN grading: never present their
+Cysts/duct are bright on T2 and dark on T1. A mural nodule is what a radiologist looks for: a
+soft-tissue filling defect attached to the inner cyst wall, clearly darker than the cyst fluid on T2
+(0.28 vs 1.00) and clearly brighter than it on T1 (0.62 vs 0.12, an enhancing nodule), and brighter
+than the thickened wall of large cysts on T1. T2 is misregistered against T1 by a rigid shift of
+0–1.5 mm (uniform length, random direction), as between two breath-holds of one examination.
+
+Each case also has a lesion label volume in T1's geometry (``lesion``: 1 cyst incl. wall, 2 mural
+nodule, 3 dilated main duct ≥ 5 mm; 0 elsewhere; all zero for normal cases), written as
+``<id>_lesion.nii.gz`` and listed in ``cohort.csv``'s ``lesion`` column (nonzero = lesion). Everything
+that could leak the label outside the ROI — gain, field of view, matrix, ROI size, file names — is
+drawn independently of the label. These phantoms are far easier than real IPMN grading: never present their
 numbers as clinical results.
 """
 
@@ -47,9 +55,15 @@ TISSUE = {
     "pancreas": (0.72, 0.40),
     "fluid": (0.12, 1.00),
     "wall": (0.50, 0.45),
-    "nodule": (0.48, 0.48),
+    "nodule": (0.62, 0.28),  # enhancing soft tissue: T1 >> fluid, T2 << fluid
 }
 CENTERS = ("A", "B", "C")
+LESION_LABELS = {"cyst": 1, "nodule": 2, "duct": 3}
+"""Values of the lesion label volume (0 = no lesion)."""
+DILATED_DUCT_MM = 5.0
+"""A main duct at least this wide (diameter) counts as a lesion (worrisome feature from 5 mm)."""
+MAX_T2_SHIFT_MM = 1.5
+"""Largest T2-vs-T1 misregistration (length of the rigid shift)."""
 
 
 @dataclass
@@ -153,7 +167,11 @@ def _index_box(origin, spacing, direction, size, lo_ras, hi_ras):
 
 
 def _render(anat: Anatomy, geom, shift_ras, channel: int, h: float):
-    """Paint the anatomy on a voxel grid; returns (image float32 (z,y,x), pancreas mask uint8)."""
+    """Paint the anatomy on a voxel grid; returns (image float32 (z,y,x), pancreas mask uint8, lesion labels uint8).
+
+    Lesion labels (:data:`LESION_LABELS`) mark voxel centres inside a cyst (wall included), a nodule or a
+    main duct of diameter ≥ :data:`DILATED_DUCT_MM`; later lesions overwrite earlier ones.
+    """
     origin, spacing, direction, size = geom
     full = (slice(None), slice(None), slice(None))
     shape = (size[2], size[1], size[0])
@@ -170,14 +188,22 @@ def _render(anat: Anatomy, geom, shift_ras, channel: int, h: float):
     body = (np.sqrt((p[..., 0] / a) ** 2 + (p[..., 1] / b) ** 2) - 1.0) * b
     paint(full, body, "fat")
     paint(full, body + anat.fat_mm, "soft")
-    paint(full, _ellipsoid(p, (68, 8, 45), (72, 62, 85)), "liver")
-    paint(full, _ellipsoid(p, (-88, -38, 40), (34, 44, 52)), "spleen")
+
+    def organ(c, semi, tissue):
+        # Only the ellipsoid's bounding box (+ the edge width) can change: the weight is 0 beyond it.
+        reach = np.asarray(semi, dtype=float) + h + 1.0
+        sl = _index_box(origin, spacing, direction, size, np.asarray(c) - reach + shift_ras, np.asarray(c) + reach + shift_ras)
+        if sl is not None:
+            paint(sl, _ellipsoid(p[sl], c, semi), tissue)
+
+    organ((68, 8, 45), (72, 62, 85), "liver")
+    organ((-88, -38, 40), (34, 44, 52), "spleen")
     for sx in (1, -1):
-        paint(full, _ellipsoid(p, (sx * 62, -48, -25), (24, 26, 46)), "kidney")
+        organ((sx * 62, -48, -25), (24, 26, 46), "kidney")
     paint(full, _cylinder_z(p, 0, -68, 19), "bone")
     paint(full, _cylinder_z(p, 0, -93, 7), "csf")
     paint(full, _cylinder_z(p, -14, -38, 11), "aorta")
-    paint(full, _ellipsoid(p, (78, 42, 10), (14, 15, 30)), "gallbladder")
+    organ((78, 42, 10), (14, 15, 30), "gallbladder")
     del p
 
     # Pancreas, duct and lesions inside their bounding box only.
@@ -186,6 +212,7 @@ def _render(anat: Anatomy, geom, shift_ras, channel: int, h: float):
     lo = np.array([x0 - 15, anat.y0 - anat.curve - pad, anat.z0 - 60]) + shift_ras
     hi = np.array([x1 + 15, anat.y0 + pad, anat.z0 + 60]) + shift_ras
     mask = np.zeros(shape, dtype=np.uint8)
+    lesion = np.zeros(shape, dtype=np.uint8)
     sl = _index_box(origin, spacing, direction, size, lo, hi)
     if sl is not None:
         p = _voxel_ras(origin, spacing, direction, size, sl) - shift_ras
@@ -198,17 +225,23 @@ def _render(anat: Anatomy, geom, shift_ras, channel: int, h: float):
         duct = np.sqrt(np.maximum(radial - anat.duct_r, 0) ** 2 + along**2) + np.minimum(radial - anat.duct_r, 0)
         paint(sl, duct, "fluid")
         inside = tube < 0
+        labels = np.zeros(inside.shape, dtype=np.uint8)
+        if 2 * anat.duct_r >= DILATED_DUCT_MM:
+            labels[duct < 0] = LESION_LABELS["duct"]
         for les in anat.lesions:
             d = np.sqrt(((p - les.center.astype(np.float32)) ** 2).sum(-1)) - les.radius
             if les.kind == "cyst":
                 if les.wall_mm > 0:
                     paint(sl, d - les.wall_mm, "wall")
                 paint(sl, d, "fluid")
+                labels[d - les.wall_mm < 0] = LESION_LABELS["cyst"]
             else:
                 paint(sl, d, "nodule")
+                labels[d < 0] = LESION_LABELS["nodule"]
             inside |= d < 0
         mask[sl] = inside.astype(np.uint8)
-    return img, mask
+        lesion[sl] = labels
+    return img, mask, lesion
 
 
 # --------------------------------------------------------------------------------------------- cases
@@ -242,7 +275,7 @@ def _anatomy(rng, label: int) -> tuple[Anatomy, dict]:
             anat.lesions.append(Lesion("cyst", c, rng.uniform(4.0, 12.5)))
         anat.duct_r = rng.uniform(0.8, 2.2)
     elif label == 2:
-        scenario = rng.choice(["nodule", "duct", "large"], p=[0.45, 0.35, 0.2])
+        scenario = rng.choice(["nodule", "duct", "large"], p=[0.6, 0.25, 0.15])  # nodules: the hard case
         if scenario == "nodule":
             cyst_r = rng.uniform(8.5, 13.5)
             c, _r = place(cyst_r)
@@ -250,7 +283,8 @@ def _anatomy(rng, label: int) -> tuple[Anatomy, dict]:
             nod_r = rng.uniform(2.75, 4.5)  # diameter 5.5–9 mm
             v = rng.normal(size=3)
             v /= np.linalg.norm(v)
-            anat.lesions.append(Lesion("nodule", c + v * (cyst_r - nod_r * 0.8), nod_r))
+            # broad-based on the inner wall, bulging into the lumen (a filling defect in the fluid)
+            anat.lesions.append(Lesion("nodule", c + v * (cyst_r - nod_r * 0.9), nod_r))
             info["stigmata"].append(f"enhancing mural nodule {2 * nod_r:.1f} mm")
         elif scenario == "duct":
             anat.duct_r = rng.uniform(5.2, 7.5)
@@ -286,7 +320,7 @@ def _roi_for(anat: Anatomy, rng) -> ROI:
 
 
 def _acquire(anat, geom, shift, channel, rng, center_idx, h):
-    img, mask = _render(anat, geom, shift, channel, h)
+    img, mask, lesion = _render(anat, geom, shift, channel, h)
     origin, spacing, direction, size = geom
     # Smooth multiplicative bias field in physical space.
     p = _voxel_ras(origin, spacing, direction, size, (slice(None),) * 3)
@@ -306,7 +340,9 @@ def _acquire(anat, geom, shift, channel, rng, center_idx, h):
     image.SetDirection([float(v) for v in direction.ravel()])
     mask_img = sitk.GetImageFromArray(mask)
     mask_img.CopyInformation(image)
-    return image, mask_img
+    lesion_img = sitk.GetImageFromArray(lesion)
+    lesion_img.CopyInformation(image)
+    return image, mask_img, lesion_img
 
 
 def make_case(
@@ -317,17 +353,24 @@ def make_case(
     t2_shape: tuple | None = None,
     t1_orientation: str | None = None,
     t2_orientation: str | None = None,
+    nodule: bool = True,
 ):
-    """One phantom case: dict with ``t1``, ``t2`` (sitk int16), ``mask`` (pancreas, T1 grid), ``roi``, ``info``.
+    """One phantom case: dict with ``t1``, ``t2`` (sitk int16), ``mask`` (pancreas, T1 grid), ``lesion``
+    (lesion labels, T1 grid, see :data:`LESION_LABELS`), ``roi``, ``info``.
 
     ``t1_shape``/``t2_shape`` = (matrix, matrix, slices) force the sampling (benchmarks); by default the
-    matrix and slice thickness are drawn at random.
+    matrix and slice thickness are drawn at random. ``nodule=False`` renders the same case (same random
+    draws, same anatomy, noise and geometry) without its mural nodules: an ablation of the one finding
+    that makes a nodule case high risk (``info["nodule_removed"]`` is then true).
     """
     if label not in (0, 1, 2):
         raise IPMNError(f"phantom label must be 0, 1 or 2 (got {label})")
     rng = np.random.default_rng(seed)
     center_idx = CENTERS.index(center) if center in CENTERS else 0
     anat, info = _anatomy(rng, label)
+    if not nodule:
+        info["nodule_removed"] = any(les.kind == "nodule" for les in anat.lesions)
+        anat.lesions = [les for les in anat.lesions if les.kind != "nodule"]
     roi = _roi_for(anat, rng)
     orientations = ["LPS", "RAS", "LPI", "RPS", "PLS", "SLP"]
     o1 = t1_orientation or str(rng.choice(orientations))
@@ -358,9 +401,11 @@ def make_case(
     obl2 = float(rng.uniform(0, 12)) if rng.random() < 0.5 else 0.0
     g1 = _make_geometry(rng, m1, n1, fov1, s1, o1, obl1, look_at)
     g2 = _make_geometry(rng, m2, n2, fov2, s2, o2, obl2, look_at + rng.uniform(-10, 10, 3))
-    shift = rng.uniform(-3, 3, size=3).astype(np.float32)  # T2 vs T1 misregistration (mm)
-    t1, mask = _acquire(anat, g1, np.zeros(3, np.float32), 0, rng, center_idx, h=float(np.mean(g1[1])))
-    t2, _ = _acquire(anat, g2, shift, 1, rng, center_idx, h=float(np.mean(g2[1])))
+    # T2 vs T1 misregistration: a rigid shift of 0–MAX_T2_SHIFT_MM mm in a random direction
+    v = rng.normal(size=3)
+    shift = (v / np.linalg.norm(v) * rng.uniform(0, MAX_T2_SHIFT_MM)).astype(np.float32)
+    t1, mask, lesion = _acquire(anat, g1, np.zeros(3, np.float32), 0, rng, center_idx, h=float(np.mean(g1[1])))
+    t2, _, _ = _acquire(anat, g2, shift, 1, rng, center_idx, h=float(np.mean(g2[1])))
     info.update(
         {
             "label": CLASS_NAMES[label],
@@ -372,7 +417,7 @@ def make_case(
             "t2_shift_mm": [round(float(v), 2) for v in shift],
         }
     )
-    return {"t1": t1, "t2": t2, "mask": mask, "roi": roi, "info": info}
+    return {"t1": t1, "t2": t2, "mask": mask, "lesion": lesion, "roi": roi, "info": info}
 
 
 def write_case(case: dict, folder: Path, case_id: str) -> dict:
@@ -384,9 +429,13 @@ def write_case(case: dict, folder: Path, case_id: str) -> dict:
         "roi": folder / f"{case_id}_roi.mrk.json",
         "mask": folder / f"{case_id}_pancreas.nii.gz",
     }
+    if case.get("lesion") is not None:
+        paths["lesion"] = folder / f"{case_id}_lesion.nii.gz"
     write_image(case["t1"], paths["t1"])
     write_image(case["t2"], paths["t2"])
     write_image(case["mask"], paths["mask"])
+    if "lesion" in paths:
+        write_image(case["lesion"], paths["lesion"])
     write_mrk_json(case["roi"], paths["roi"])
     return paths
 
@@ -397,12 +446,36 @@ def balanced_labels(n: int, rng) -> list[int]:
     return labels
 
 
-def make_cohort(out: str | Path, n: int = 60, seed: int = 0, centers: int = 1, progress=None) -> Path:
-    """Write ``n`` phantom cases and ``cohort.csv`` into ``out``; returns the manifest path."""
+def _cohort_case(job: tuple) -> tuple[dict, dict]:
+    """Write one cohort case (runs in a worker process when ``workers`` > 1): (manifest row, truth)."""
+    out, case_id, case_seed, label, center = job
+    case = make_case(case_seed, label, center=center)
+    paths = write_case(case, out / "cases", case_id)
+    row = {
+        "case_id": case_id,
+        "t1": paths["t1"].relative_to(out).as_posix(),
+        "t2": paths["t2"].relative_to(out).as_posix(),
+        "roi": paths["roi"].relative_to(out).as_posix(),
+        "label": CLASS_NAMES[label],
+        "center": center,
+        "mask": paths["mask"].relative_to(out).as_posix(),
+        "lesion": paths["lesion"].relative_to(out).as_posix(),
+    }
+    return row, case["info"]
+
+
+def make_cohort(out: str | Path, n: int = 60, seed: int = 0, centers: int = 1, progress=None, workers: int = 1) -> Path:
+    """Write ``n`` phantom cases and ``cohort.csv`` into ``out``; returns the manifest path.
+
+    ``workers`` > 1 renders cases in that many processes; the cohort is the same for any ``workers``
+    (every case's seed, label and id are drawn up front from ``seed``).
+    """
     if n < 1:
         raise IPMNError(f"--n must be at least 1 (got {n})")
     if not 1 <= centers <= len(CENTERS):
         raise IPMNError(f"--centers must be between 1 and {len(CENTERS)} (got {centers})")
+    if workers < 1:
+        raise IPMNError(f"--workers must be at least 1 (got {workers})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     root = np.random.SeedSequence(seed)
@@ -410,8 +483,7 @@ def make_cohort(out: str | Path, n: int = 60, seed: int = 0, centers: int = 1, p
     labels = balanced_labels(n, rng)
     case_seeds = root.spawn(n + 1)[1:]
     used = set()
-    rows = []
-    truth = {}
+    jobs = []
     for i, (label, ss) in enumerate(zip(labels, case_seeds, strict=True)):
         case_rng = np.random.default_rng(ss)
         while True:
@@ -419,23 +491,26 @@ def make_cohort(out: str | Path, n: int = 60, seed: int = 0, centers: int = 1, p
             if case_id not in used:
                 used.add(case_id)
                 break
-        center = CENTERS[i % centers]
-        case = make_case(int(case_rng.integers(0, 2**31)), label, center=center)
-        paths = write_case(case, out / "cases", case_id)
-        rows.append(
-            {
-                "case_id": case_id,
-                "t1": paths["t1"].relative_to(out).as_posix(),
-                "t2": paths["t2"].relative_to(out).as_posix(),
-                "roi": paths["roi"].relative_to(out).as_posix(),
-                "label": CLASS_NAMES[label],
-                "center": center,
-                "mask": paths["mask"].relative_to(out).as_posix(),
-            }
-        )
-        truth[case_id] = case["info"]
-        if progress:
-            progress(i + 1, n)
+        jobs.append((out, case_id, int(case_rng.integers(0, 2**31)), label, CENTERS[i % centers]))
+    rows = []
+    truth = {}
+    if workers == 1:
+        results = map(_cohort_case, jobs)
+        pool = None
+    else:
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(max_workers=workers)
+        results = pool.map(_cohort_case, jobs)
+    try:
+        for i, (row, info) in enumerate(results):
+            rows.append(row)
+            truth[row["case_id"]] = info
+            if progress:
+                progress(i + 1, n)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     rows.sort(key=lambda r: r["case_id"])
     manifest = out / "cohort.csv"
     from ipmn.io import atomic_path

@@ -240,6 +240,12 @@ def build_vit(cfg: dict) -> nn.Module:
     """Build the ViT described by a normalised config (see ``ipmn.models.normalize_config``)."""
     kwargs = dict(img_size=cfg["img_size"], drop_rate=cfg["drop_rate"], drop_path_rate=cfg["drop_path_rate"])
     kwargs.update({k: cfg[k] for k in VIT_OVERRIDES if cfg.get(k) is not None})
+    from .stems import embed_layer_for
+
+    if embed_layer_for(cfg.get("stem", "patch")) is not None:
+        kwargs["embed_layer"] = embed_layer_for(cfg["stem"])
+    if cfg.get("reg_tokens"):
+        kwargs["reg_tokens"] = int(cfg["reg_tokens"])
     if cfg["fusion"] == "late":
         return LateFusionViT(
             cfg["arch"], cfg["modalities"], cfg["num_classes"], pretrained=cfg["pretrained"], **kwargs

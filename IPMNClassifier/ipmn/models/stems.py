@@ -1,0 +1,65 @@
+"""Convolutional patch embedding for small-data ViTs (``model.stem: conv``).
+
+Xiao et al. 2021 ("Early convolutions help transformers see better") replace the ViT's single
+``patch x patch`` stride-``patch`` convolution by a few small stride-2 convolutions followed by a 1x1
+projection: same token grid, same transformer, but an inductive bias for local structure that makes
+a ViT train from scratch on little data. Here the stem keeps timm's ``PatchEmbed`` interface
+(``patch_size``, ``grid_size``, ``num_patches``, ``feat_ratio``), so a timm ``VisionTransformer`` built
+with it is still read by Attention Rollout exactly like a plain ViT (one token per ``patch x patch``
+area of the input, row-major).
+
+The convolutions are 4x4 with stride 2 and padding 1, so that each output is centred on the pair of
+inputs it replaces and every token is centred on its own patch (3x3 stride-2 convolutions with padding 1
+would centre token ``j`` on pixel ``16 j``, half a patch off, and shift every rollout map by 8 px).
+A token of a 16-px patch sees 46 px of the input, i.e. reaches into the neighbouring tokens; tokens
+never straddle grid cells (cells are multiples of the patch), but the border tokens of a cell see a few
+pixels of the adjacent cell.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from ..config import STEMS  # noqa: E402 - the config section names the valid stems
+
+"""``patch``: timm's linear patch embedding; ``conv``: :class:`ConvStemEmbed`."""
+
+
+def _conv_stem_layer_class():
+    from timm.layers import PatchEmbed
+
+    class ConvStemEmbed(PatchEmbed):
+        """``log2(patch)`` stages of 4x4 stride-2 conv (padding 1) + BatchNorm + ReLU (stage ``i`` of ``n`` has
+        ``max(16, embed_dim / 2**(n - i))`` channels, doubling up to ``embed_dim / 2``), then a 1x1 conv
+        to ``embed_dim``. Same output as :class:`timm.layers.PatchEmbed`: (B, tokens, embed_dim)."""
+
+        def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, **kwargs):
+            kwargs.pop("bias", None)
+            super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+                             **kwargs)
+            p = self.patch_size[0]
+            if self.patch_size[0] != self.patch_size[1] or p < 2 or 2 ** int(math.log2(p)) != p:
+                raise ValueError(f"a convolutional stem needs a square power-of-two patch, got {self.patch_size}")
+            stages = int(math.log2(p))
+            layers = []
+            c_in = in_chans
+            for i in range(stages):
+                c_out = max(16, embed_dim // 2 ** (stages - i))
+                layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                           nn.ReLU(inplace=True)]
+                c_in = c_out
+            layers.append(nn.Conv2d(c_in, embed_dim, 1))
+            self.proj = nn.Sequential(*layers)
+
+    return ConvStemEmbed
+
+
+def embed_layer_for(stem: str):
+    """The ``embed_layer`` to pass to timm's ``VisionTransformer`` for ``stem`` (None = timm's default)."""
+    if stem == "patch":
+        return None
+    if stem == "conv":
+        return _conv_stem_layer_class()
+    raise ValueError(f"unknown stem {stem!r}; valid: {', '.join(STEMS)}")
