@@ -339,6 +339,28 @@ def test_choices_do_not_depend_on_the_outer_test_fold(cases, tmp_path_factory):
     assert chosen[0] == chosen[1]
 
 
+def test_cv_reports_where_the_maps_sit_on_outer_test_cases(cv_run):
+    """Phantoms carry lesion masks: each fold scores its own test cases' maps (pointing game, lift) and
+    the report pools them; the metrics themselves are checked against planted maps in test_evaluate."""
+    run, by_id = cv_run["run"], {c.case_id: c for c in cv_run["cases"]}
+    with_mask = {c.case_id for c in cv_run["cases"] if c.lesion is not None}
+    assert with_mask, "the phantom cohort lists lesion masks"
+    scored = []
+    for k in (0, 1):
+        fold = run / "vit_tiny_patch16_224" / f"fold_{k}"
+        result = json.loads((fold / "result.json").read_text())
+        tested = {p["case_id"] for p in result["predictions"]}
+        rows = result["localisation"]["cases"]
+        assert {r["case_id"] for r in rows} == tested & with_mask  # only this fold's test cases
+        scored += [r for r in rows if r["pointing_hit"] is not None]
+    abnormal = [r for r in scored if by_id[r["case_id"]].label > 0]
+    assert abnormal, "lesion-bearing test cases were scored"
+    loc = json.loads((run / "metrics.json").read_text())["models"][0]["localisation"]["overall"]
+    assert loc["n"] == len(scored) and loc["pointing_hits"] == sum(r["pointing_hit"] for r in scored)
+    assert 0.0 <= loc["pointing_game"] <= 1.0 and loc["lift_median"] >= 0.0
+    assert "pointing game" in (run / "report.html").read_text()
+
+
 def test_finished_folds_are_not_recomputed_and_report_merges(cv_run, tmp_path_factory):
     from ipmn.cv import run_cv
 

@@ -218,3 +218,25 @@ def test_bad_manifest_is_one_clear_error(cohort, tmp_path):
     partly.write_text("\n".join([text[0], text[3].replace(rows[2]["label"], "", 1), text[4]]), encoding="utf-8")
     with pytest.raises(IPMNError, match="1 problem.*unknown label ''"):
         evaluate(partly, [tmp_path / "nomodel"], tmp_path / "o2")
+
+
+def test_recorded_evaluation_is_what_the_model_picker_shows(cohort, predictor, tmp_path, one_torch_thread):
+    import shutil
+
+    from ipmn import registry
+    from ipmn.evaluate import record_evaluation
+
+    manifest, _ = cohort
+    model = tmp_path / "model"
+    shutil.copytree(predictor.dirs[0], model)
+    m = evaluate(manifest, None, tmp_path / "ev", predictor=predictor, worst=0)
+    entry = record_evaluation(model, m, "5 phantoms (test)")
+    info = registry.model_info(model)
+    assert info.metrics_source == "held-out: 5 phantoms (test)"
+    assert info.metrics["accuracy"] == pytest.approx(m["classification"]["accuracy"])
+    assert entry["localisation"]["n"] == 2 and entry["n_cases"] == 5
+    from ipmn.models import load_package
+
+    load_package(model)  # the package still loads
+    with pytest.raises(IPMNError, match="labelled"):
+        record_evaluation(model, {"n_cases": 1, "n_failed": 0}, "x")

@@ -638,3 +638,23 @@ def test_ddp_two_cpu_processes(reference_run, cohort, tmp_path):
     pkg = json.loads((tmp_path / "model" / "config.json").read_text())
     assert pkg["training"]["world_size"] == 2
     assert time.time() - t < 240
+
+
+@pytest.mark.parametrize("cfg", [
+    {"arch": "vit_tiny_patch16_224", "depth": 1, "embed_dim": 48, "num_heads": 3, "reg_tokens": 2},
+    {"arch": "vit_tiny_patch16_224", "depth": 1, "embed_dim": 48, "num_heads": 3, "fusion": "late"},
+])
+def test_weight_decay_skips_every_token_and_embedding(cfg):
+    """Tokens, position embeddings, biases and norms get no weight decay; weight matrices do (AdamW)."""
+    from ipmn.models import build_model
+    from ipmn.train import make_optimizer
+
+    model = build_model(cfg)
+    opt = make_optimizer(model, {"optimizer": "adamw", "weight_decay": 0.05}, 1e-3)
+    decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    names = dict(model.named_parameters())
+    assert len(decay_of) == len(names)  # every parameter in exactly one group
+    tokens = [n for n in names if n.rsplit(".", 1)[-1] in ("pos_embed", "cls_token", "reg_token")]
+    assert tokens and all(decay_of[id(names[n])] == 0.0 for n in tokens), tokens
+    weights = [n for n, p in names.items() if p.ndim == 2 and n.endswith("weight")]
+    assert weights and all(decay_of[id(names[n])] == 0.05 for n in weights)

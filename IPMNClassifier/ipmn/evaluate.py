@@ -311,6 +311,10 @@ def register(sub) -> None:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
     p.add_argument("--tolerance-mm", type=float, default=TOLERANCE_MM, help="pointing-game tolerance [5 mm]")
     p.add_argument("--worst", type=int, default=8, help="worst cases shown with their grids in report.html [8]")
+    p.add_argument("--record", metavar="DESCRIPTION",
+                   help="also store these metrics in the model's config.json as its held-out evaluation "
+                        "(the model picker shows them); DESCRIPTION says what the cohort is, e.g. "
+                        "'90 fresh phantoms, ipmn phantoms --n 90 --seed 77'")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
@@ -319,12 +323,43 @@ def cmd_evaluate(args) -> int:
     models = list(args.ensemble or []) or ([args.model] if args.model else [])
     if not models:
         raise IPMNError("no model given: pass --model MODEL_DIR (or --ensemble DIR1 DIR2 ...)")
+    if args.record is not None and (len(models) != 1 or not args.record.strip()):
+        raise IPMNError("--record needs one --model and a description of the cohort")
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     m = evaluate(args.cohort, models, args.out, args.windows, args.tta, args.device, args.precision,
                  args.tolerance_mm, args.worst, log=log)
     print(summary_text(m))
     print(f"outputs in {args.out}/: predictions.csv metrics.json report.html cases/")
+    if args.record is not None:
+        record_evaluation(models[0], m, args.record.strip())
+        print(f"recorded as the held-out evaluation of {models[0]}")
     return 0
+
+
+def record_evaluation(model_dir, metrics: dict, description: str) -> dict:
+    """Store an evaluation in the package's config.json (``evaluation``), atomically: the headline numbers,
+    per-class recall, localisation and how they were obtained. Returns what was stored."""
+    from ipmn.io import write_json
+    from ipmn.registry import read_config_json
+    from ipmn.vocab import CONFIG_FILE
+
+    cls = metrics.get("classification")
+    if not cls:
+        raise IPMNError("--record needs a labelled cohort (the manifest has no labels)")
+    path = Path(model_dir) / CONFIG_FILE
+    config = read_config_json(path)
+    keep = ("accuracy", "balanced_accuracy", "macro_auc", "macro_f1", "ece", "recall_per_class", "support")
+    entry = {
+        "cohort": description,
+        "n_cases": metrics["n_cases"] - metrics["n_failed"],
+        "windows": metrics["windows"], "tta": metrics["tta"], "precision": metrics["precision"],
+        "metrics": {k: cls[k] for k in keep if k in cls},
+        "localisation": (metrics.get("localisation") or {}).get("overall"),
+        "recorded": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    config["evaluation"] = entry
+    write_json(config, path)
+    return entry
 
 
 def summary_text(m: dict) -> str:

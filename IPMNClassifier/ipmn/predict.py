@@ -48,7 +48,7 @@ from ipmn.vocab import (
 def preprocess_of(config: dict) -> tuple[PreprocessConfig, dict | None]:
     """The preprocessing a model was trained with (and its learned Nyúl landmarks, if any)."""
     pre = dict(config.get("preprocess") or {})
-    landmarks = pre.pop("landmarks", None) or config.get("landmarks")
+    landmarks = pre.pop("landmarks", None) or config.get("landmarks")  # top level: packages before 2026-11-30
     pre.setdefault("cell", int(config.get("cell", 64)))
     return PreprocessConfig.from_package(pre), landmarks
 
@@ -296,7 +296,8 @@ class Predictor:
                 "fusion": first.get("fusion"),
                 "modalities": list(self.modalities),
                 "card": first.get("card", ""),
-                "trained_on": cohort.get("description") if isinstance(cohort, dict) else cohort,
+                "trained_on": first.get("trained_on") or (cohort.get("description") if isinstance(cohort, dict)
+                                                          else cohort),
                 "n_models": len(self.models),
                 "folders": [str(d) for d in self.dirs],
             },

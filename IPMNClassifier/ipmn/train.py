@@ -88,18 +88,12 @@ def class_weight_vector(spec, counts: np.ndarray) -> np.ndarray | None:
 
 
 def _param_groups(model, weight_decay: float):
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim <= 1 or name.endswith(".bias") or "pos_embed" in name or "cls_token" in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+    """timm's weight-decay groups: no decay for biases, norms and the tokens/embeddings the model names in
+    ``no_weight_decay()`` (ViTs: pos_embed, cls_token, reg_token, dist_token; late fusion: each branch's)."""
+    from timm.optim import param_groups_weight_decay
+
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
 
 
 def make_optimizer(model, t: dict, lr: float):
@@ -543,7 +537,6 @@ class Trainer:
             **mcfg,
             "name": f"{mcfg['arch']} ({'synthetic phantoms' if synthetic else Path(self.package_dir).name})",
             "preprocess": pre,
-            "landmarks": self.landmarks,
             "data": {"roi_margin_mm": self.cfg["data"]["roi_margin_mm"], "pad": self.cfg["data"]["pad"]},
             "val_windows": self.tcfg["val_windows"],
             "weights_source": {
@@ -554,7 +547,7 @@ class Trainer:
             },
             "training": training,
             "trained_on": trained_on,
-            "cohort": {"description": trained_on, "train": cohort,
+            "cohort": {"train": cohort,
                        "validation": summarize(val_cases) if val_cases else None, **dict(info)},
             # the validation split chose the epoch: its numbers are optimistic, and the registry says so
             "validation": dict(val_metrics, selection_biased=True) if val_metrics else None,

@@ -224,6 +224,11 @@ class LateFusionViT(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(dim, self.num_classes)
 
+    def no_weight_decay(self) -> set:
+        """Each branch's own no-decay parameters (position embedding, class and register tokens)."""
+        return {f"branches.{m}.{name}" for m, branch in self.branches.items()
+                for name in getattr(branch, "no_weight_decay", set)()}
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != len(self.modalities):
             raise IPMNError(
