@@ -109,7 +109,7 @@ def lesion_on_reference(lesion_path, reference):
 
     from ipmn.io import read_volume
 
-    img = read_volume(lesion_path, name="lesion mask")
+    img = read_volume(lesion_path, name="lesion mask", allow_constant=True)  # empty: no lesion
     on_ref = sitk.Resample(sitk.Cast(img != 0, sitk.sitkUInt8), reference, sitk.Transform(),
                            sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     return sitk.GetArrayFromImage(on_ref) > 0

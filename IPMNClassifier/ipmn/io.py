@@ -31,12 +31,14 @@ def _read_dicom_folder(folder: Path, name: str, series: str | None = None) -> si
 
 
 def read_volume(
-    path: str | os.PathLike, name: str = "volume", nonfinite: str = "refuse", series: str | None = None
+    path: str | os.PathLike, name: str = "volume", nonfinite: str = "refuse", series: str | None = None,
+    allow_constant: bool = False,
 ) -> sitk.Image:
     """Read a 3-D scalar volume as float32, keeping its physical geometry.
 
     ``nonfinite``: ``"refuse"`` (default) rejects NaN/Inf voxels, ``"clean"`` replaces them with the
     median of the finite voxels. ``series``: the SeriesInstanceUID to read from a DICOM folder.
+    ``allow_constant``: accept a volume whose voxels are all equal (an empty label map), refused otherwise.
     """
     path = Path(path)
     if not path.exists():
@@ -52,10 +54,11 @@ def read_volume(
         raise IPMNError(
             f"{name}: cannot read {path} as an image (NIfTI, NRRD, MHA or a DICOM folder): {first[:160]}"
         ) from exc
-    return check_volume(image, name=name, source=path, nonfinite=nonfinite)
+    return check_volume(image, name=name, source=path, nonfinite=nonfinite, allow_constant=allow_constant)
 
 
-def check_volume(image: sitk.Image, name: str = "volume", source=None, nonfinite: str = "refuse") -> sitk.Image:
+def check_volume(image: sitk.Image, name: str = "volume", source=None, nonfinite: str = "refuse",
+                 allow_constant: bool = False) -> sitk.Image:
     """Validate a volume already in memory and return it as float32."""
     where = f" ({source})" if source else ""
     if image.GetNumberOfComponentsPerPixel() != 1:
@@ -88,7 +91,7 @@ def check_volume(image: sitk.Image, name: str = "volume", source=None, nonfinite
         out.CopyInformation(image)
         image = out
         array = cleaned
-    if float(array.max()) == float(array.min()):
+    if float(array.max()) == float(array.min()) and not allow_constant:
         raise IPMNError(f"{name}{where}: every voxel has the same value ({float(array.min()):g})")
     return image
 
