@@ -173,6 +173,9 @@ def roi_from_mask(mask: sitk.Image, margin_mm: float = 10.0, label: int | None =
     if not sel.any():
         what = f"label {label}" if label is not None else "non-zero voxels"
         raise IPMNError(f"ROI: {name} has no {what}")
+    if label is None and sel.all():
+        raise IPMNError(f"ROI: {name} is non-zero everywhere, so its bounding box is the whole image; "
+                        "a mask (0 outside the pancreas) is needed")
     zyx = np.nonzero(sel)
     lo = np.array([zyx[2].min(), zyx[1].min(), zyx[0].min()], dtype=float) - 0.5
     hi = np.array([zyx[2].max(), zyx[1].max(), zyx[0].max()], dtype=float) + 0.5
@@ -196,6 +199,9 @@ def load_roi(spec: str | os.PathLike, margin_mm: float = 10.0, label: int | None
         return read_mrk_json(path)
     if not path.exists():
         raise IPMNError(f"ROI: file not found: {path}")
+    from ipmn.io import nifti_nonfinite
+
+    nifti_nonfinite(path, "ROI mask")  # a truncated mask would be read as zeros: a wrong box
     try:
         mask = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -205,6 +211,9 @@ def load_roi(spec: str | os.PathLike, margin_mm: float = 10.0, label: int | None
     if mask.GetDimension() == 4:
         # .seg.nrrd with several layers comes as a 4-D or vector image; collapse the layers.
         mask = sitk.Cast(mask[:, :, :, 0], sitk.sitkUInt8) if mask.GetSize()[3] == 1 else mask
+    if mask.GetNumberOfComponentsPerPixel() > 1 and not path.name.lower().endswith(".seg.nrrd"):
+        raise IPMNError(f"ROI: mask {path} has {mask.GetNumberOfComponentsPerPixel()} components per voxel "
+                        "(a colour image?); a label volume or a Slicer .seg.nrrd is needed")
     if mask.GetNumberOfComponentsPerPixel() > 1:
         comps = [sitk.VectorIndexSelectionCast(mask, i) != 0 for i in range(mask.GetNumberOfComponentsPerPixel())]
         merged = comps[0]
