@@ -106,6 +106,10 @@ def bad(tmp_path_factory) -> dict:
     f["dangling"] = d / "dangling"
     f["dangling"].symlink_to(d / "no-such-target")
     f["latin1_yaml"] = d / "latin1.yaml"
+    f["shrink0_yaml"] = d / "shrink0.yaml"
+    f["shrink0_yaml"].write_text("preprocess:\n  n4_shrink: 0\n")
+    f["margin_yaml"] = d / "margin.yaml"
+    f["margin_yaml"].write_text("data:\n  roi_margin_mm: 1.0e7\n")
     f["latin1_yaml"].write_bytes("preprocess:\n  n4: false  # r\xe9sum\xe9\n".encode("latin-1"))
     return f
 
@@ -193,6 +197,11 @@ CORPUS = [
     ("non-utf8-config", 16, lambda f, o: ["grid", "--t1", SAMPLE / "sample_t1.nii.gz", "--t2",
                                           SAMPLE / "sample_t2.nii.gz", "--roi", SAMPLE / "sample_roi.mrk.json",
                                           "--out", o, "--config", f["latin1_yaml"]], Err(("UTF-8",))),
+    ("yaml-n4-shrink-0", 11, lambda f, o: ["grid", "--t1", SAMPLE / "sample_t1.nii.gz", "--t2",
+                                           SAMPLE / "sample_t2.nii.gz", "--roi", SAMPLE / "sample_roi.mrk.json",
+                                           "--out", o, "--config", f["shrink0_yaml"]], Err(("n4_shrink",))),
+    ("yaml-roi-margin-1e7", 16, lambda f, o: ["train", "--cohort", o / "never-read.csv", "--out", o / "m",
+                                              "--config", f["margin_yaml"]], Err(("roi_margin_mm",))),
     ("path-5000-chars", 16, lambda f, o: predict_argv(o, t1="/tmp/" + "x" * 5000 + ".nii.gz"), Err(("T1",))),
     ("out-is-a-file", 13, lambda f, o: predict_argv(f["a_file"]), Err(("cannot write", "not a folder"))),
     ("out-dev-null", 13, lambda f, o: predict_argv("/dev/null"), Err(("cannot write", "not a folder"))),

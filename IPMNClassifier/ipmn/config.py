@@ -463,8 +463,8 @@ class DataConfig(Section):
     cache_dir: str | None = None
 
     def validate(self) -> None:
-        if not _is_number(self.roi_margin_mm) or self.roi_margin_mm < 0:
-            self.bad("roi_margin_mm", "a number >= 0")
+        if not _is_number(self.roi_margin_mm) or not 0 <= self.roi_margin_mm <= 200:
+            self.bad("roi_margin_mm", "a number of mm from 0 to 200")
         if self.nonfinite not in ("refuse", "clean"):
             self.bad("nonfinite", "refuse or clean")
         if not isinstance(self.pad, bool):
