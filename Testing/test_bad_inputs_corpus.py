@@ -109,7 +109,7 @@ def bad(tmp_path_factory) -> dict:
     f["shrink0_yaml"] = d / "shrink0.yaml"
     f["shrink0_yaml"].write_text("preprocess:\n  n4_shrink: 0\n")
     f["margin_yaml"] = d / "margin.yaml"
-    f["margin_yaml"].write_text("data:\n  roi_margin_mm: 1.0e7\n")
+    f["margin_yaml"].write_text("data:\n  roi_margin_mm: 10000000.0\n")
     f["latin1_yaml"].write_bytes("preprocess:\n  n4: false  # r\xe9sum\xe9\n".encode("latin-1"))
     return f
 
@@ -604,3 +604,44 @@ def test_overwrite_swaps_in_the_new_run_on_success(tmp_path):
     shutil.rmtree(folder)
     overwrite_staging(folder)
     assert (folder / "run.json").read_text() == "{}"
+
+
+def test_cv_overwrite_is_swapped_in_only_when_every_fold_finished(tmp_path, monkeypatch):
+    """run_cv --overwrite with the folds stubbed (no training): a fold that fails keeps the old run whole;
+    a run that finishes replaces it and leaves no staging folder."""
+    import ipmn.cv as cv_mod
+    import ipmn.windows as windows_mod
+    from ipmn.cohort import Case
+    from ipmn.cv import run_cv
+
+    cases = [Case(f"c{i}", i % 3, SAMPLE / "sample_t1.nii.gz", SAMPLE / "sample_t2.nii.gz", "roi", "", f"p{i}")
+             for i in range(12)]
+    cfg = {"model": {"arch": "vit_tiny_patch16_224", "depth": 1, "embed_dim": 48, "num_heads": 3},
+           "train": {"epochs": 1}, "cv": {"outer": 2, "inner": 2}}
+    run_dir = tmp_path / "run"
+    old = _old_run(run_dir, "ipmn-cv")
+    monkeypatch.setattr(windows_mod, "load_grids", lambda cases, cfg, progress: {})
+
+    def fake_fold(fail_at):
+        def run_fold(run_dir, variant, cfg, splits, fold, *args):
+            if fold == fail_at:
+                raise RuntimeError(f"fold {fold} died")
+            path = Path(run_dir) / variant["name"] / f"fold_{fold}" / "result.json"
+            path.parent.mkdir(parents=True)
+            path.write_text(json.dumps({"fold": fold}))
+            return {"metrics": {}}
+
+        return run_fold
+
+    monkeypatch.setattr(cv_mod, "run_fold", fake_fold(fail_at=1))
+    with pytest.raises(RuntimeError, match="fold 1 died"):
+        run_cv(cases, cfg, run_dir, overwrite=True, report=False)
+    assert {p: p.read_text() for p in old} == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+    monkeypatch.setattr(cv_mod, "run_fold", fake_fold(fail_at=None))
+    out = run_cv(cases, cfg, run_dir, overwrite=True, report=False)
+    assert out["complete"] and out["run_dir"] == str(run_dir)
+    assert json.loads((run_dir / "run.json").read_text())["kind"] == "ipmn-cv"
+    assert not (run_dir / "summary.json").exists() and not (run_dir / "fold_0").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
