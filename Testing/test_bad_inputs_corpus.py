@@ -67,6 +67,9 @@ def bad(tmp_path_factory) -> dict:
     f["trunc200"].write_bytes(raw[:200])
     f["trunc_half"] = d / "trunc_half.nii.gz"
     f["trunc_half"].write_bytes(raw[: len(raw) // 2])
+    mask_raw = (SAMPLE / "sample_pancreas.nii.gz").read_bytes()
+    f["trunc_mask"] = d / "trunc_mask.nii.gz"
+    f["trunc_mask"].write_bytes(mask_raw[: len(mask_raw) // 2])
     plain = gzip.decompress(raw)
     f["trunc_plain"] = d / "trunc_plain.nii"
     f["trunc_plain"].write_bytes(plain[: len(plain) * 3 // 4])
@@ -171,6 +174,8 @@ CORPUS = [
     ("truncated-200-bytes", 5, lambda f, o: predict_argv(o, t1=f["trunc200"]), Err(("T1", "truncated"))),
     ("truncated-half", 5, lambda f, o: predict_argv(o, t2=f["trunc_half"]), Err(("T2", "truncated"))),
     ("truncated-uncompressed", 5, lambda f, o: predict_argv(o, t1=f["trunc_plain"]), Err(("T1", "truncated"))),
+    ("truncated-mask", 5, lambda f, o: predict_argv(o, roi=None, extra=["--mask", f["trunc_mask"]]),
+     Err(("ROI mask", "truncated"))),
     ("nan-in-nifti", 6, lambda f, o: predict_argv(o, t1=f["nan_nii"]), Err(("T1", "6 NaN/Inf voxels"))),
     ("all-nan-nifti", 6, lambda f, o: predict_argv(o, t2=f["all_nan_nii"]), Err(("T2", "NaN/Inf"))),
     ("sheared-nrrd", 8, lambda f, o: predict_argv(o, t1=f["shear_nrrd"]), Err(("T1", "sheared"))),
