@@ -173,9 +173,6 @@ def roi_from_mask(mask: sitk.Image, margin_mm: float = 10.0, label: int | None =
     if not sel.any():
         what = f"label {label}" if label is not None else "non-zero voxels"
         raise IPMNError(f"ROI: {name} has no {what}")
-    if label is None and sel.all():
-        raise IPMNError(f"ROI: {name} is non-zero everywhere, so its bounding box is the whole image; "
-                        "a mask (0 outside the pancreas) is needed")
     zyx = np.nonzero(sel)
     lo = np.array([zyx[2].min(), zyx[1].min(), zyx[0].min()], dtype=float) - 0.5
     hi = np.array([zyx[2].max(), zyx[1].max(), zyx[0].max()], dtype=float) + 0.5
