@@ -569,11 +569,12 @@ def test_failed_overwrite_keeps_the_old_training(truncated_cohort, tmp_path, cap
     (out / "config.json").write_text("{\"format\": \"ipmn-model\", \"planted\": true}")
     (out / "model.safetensors").write_bytes(b"old weights")
     rc, _, err = run(capsys, "train", "--cohort", truncated_cohort, "--config", "demo", "--out", out,
-                     "--overwrite", "--epochs", "1", "--val-fraction", "0", "--device", "cpu", "--progress", "none")
+                     "--overwrite", "--epochs", "1", "--val-fraction", "0", "--device", "cpu", "--progress", "none",
+                     "--cache-dir", tmp_path / "cache")
     assert_refused(rc, err, "truncated")
     assert {p: p.read_text() for p in old_work} == old_work
     assert (out / "model.safetensors").read_bytes() == b"old weights"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model.train"]  # no staging left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "model", "model.train"]  # no staging left
 
 
 def test_failed_overwrite_keeps_the_old_cv_run(truncated_cohort, tmp_path, capsys):
@@ -581,10 +582,10 @@ def test_failed_overwrite_keeps_the_old_cv_run(truncated_cohort, tmp_path, capsy
     old = _old_run(run_dir, "ipmn-cv")
     rc, _, err = run(capsys, "cv", "--cohort", truncated_cohort, "--config", "demo", "--out", run_dir,
                      "--overwrite", "--outer", "2", "--inner", "2", "--epochs", "1", "--device", "cpu",
-                     "--progress", "none")
+                     "--progress", "none", "--cache-dir", tmp_path / "cache")
     assert_refused(rc, err, "truncated")
     assert {p: p.read_text() for p in old} == old
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "run"]
 
 
 def test_overwrite_swaps_in_the_new_run_on_success(tmp_path):

@@ -30,7 +30,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -307,6 +306,40 @@ def _examples(fold_dir: Path, model, test_cases, arrays, probs, variant, n: int,
     return out
 
 
+def _barrier(world: int):
+    """A function that waits for every process of a torchrun job (nothing to wait for in one process)."""
+    def barrier() -> None:
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    return barrier
+
+
+def _run_variants(run_dir: Path, variants, cases, cfg: dict, splits: dict, folds, device, progress,
+                  cohort_info) -> dict:
+    """Every requested outer fold of every variant; grids are read once per variant, only when a fold is left."""
+    from ipmn.windows import load_grids
+
+    cases_by_id = {c.case_id: c for c in cases}
+    results = {}
+    for v in variants:
+        usable_cases = [c for c in cases if all(c.has(m) for m in v["modalities"])]
+        skipped = len(cases) - len(usable_cases)
+        if skipped:
+            progress.warn(f"{v['name']}: {skipped} case(s) lack {'/'.join(m.upper() for m in v['modalities'])} "
+                          f"and are left out of this variant ({len(usable_cases)} used)")
+        todo = [k for k in folds if not (run_dir / v["name"] / f"fold_{k}" / "result.json").exists()]
+        vcfg = copy.deepcopy(cfg)
+        vcfg["model"] = v["model"]
+        grids = load_grids(usable_cases, vcfg, progress) if todo else {}
+        for k in folds:
+            results[(v["name"], k)] = run_fold(run_dir, v, cfg, splits, k, cases_by_id, grids, device, progress,
+                                               cohort_info)
+    return results
+
+
 # ------------------------------------------------------------------------------------------------ the run
 def run_cv(cases, config, run_dir, models=None, modalities=None, fusions=None, fold: int | None = None,
            device: str = "cpu", progress=None, resume: bool = False, overwrite: bool = False,
@@ -321,9 +354,8 @@ def run_cv(cases, config, run_dir, models=None, modalities=None, fusions=None, f
     from ipmn.config import is_resolved, resolve_config
     from ipmn.device import dist_info
     from ipmn.progress import Progress
-    from ipmn.runs import commit_overwrite, cv_identity, overwrite_staging, prepare_cv_folder, replaces_cv_run
+    from ipmn.runs import built_beside, cv_identity, prepare_cv_folder, replaces_cv_run
     from ipmn.splits import check_labels, load_or_make_splits, make_splits, verify_splits
-    from ipmn.windows import load_grids
 
     progress = progress or Progress("none")
     run_dir = Path(run_dir)
@@ -347,10 +379,8 @@ def run_cv(cases, config, run_dir, models=None, modalities=None, fusions=None, f
         if fold is not None and not 0 <= fold < len(fresh["folds"]):
             raise IPMNError(f"--fold {fold} does not exist: this run has folds 0-{len(fresh['folds']) - 1}")
     # --overwrite builds the new run beside the old one, which stays until the new one has finished
-    final_dir = None
-    if overwrite and replaces_cv_run(run_dir):
-        final_dir, run_dir = run_dir, overwrite_staging(run_dir, clean=rank == 0)
-    try:
+    final_dir = run_dir
+    with built_beside(final_dir, overwrite and replaces_cv_run(final_dir), rank == 0, _barrier(world)) as run_dir:
         stored = None
         if rank == 0:
             stored = prepare_cv_folder(run_dir, identity, resume, overwrite, extra)
@@ -394,35 +424,10 @@ def run_cv(cases, config, run_dir, models=None, modalities=None, fusions=None, f
         progress.stage("cv", f"{len(variants)} variant(s) x {len(folds)} outer fold(s) of {n_folds} "
                        f"(inner {splits['inner']}), run folder {run_dir}", variants=[v["name"] for v in variants],
                        folds=folds)
-        cases_by_id = {c.case_id: c for c in cases}
-        results = {}
-        for v in variants:
-            usable_cases = [c for c in cases if all(c.has(m) for m in v["modalities"])]
-            skipped = len(cases) - len(usable_cases)
-            if skipped:
-                progress.warn(f"{v['name']}: {skipped} case(s) lack {'/'.join(m.upper() for m in v['modalities'])} "
-                              f"and are left out of this variant ({len(usable_cases)} used)")
-            todo = [k for k in folds if not (run_dir / v["name"] / f"fold_{k}" / "result.json").exists()]
-            vcfg = copy.deepcopy(cfg)
-            vcfg["model"] = v["model"]
-            grids = load_grids(usable_cases, vcfg, progress) if todo else {}
-            for k in folds:
-                results[(v["name"], k)] = run_fold(run_dir, v, cfg, splits, k, cases_by_id, grids, device, progress,
-                                                   cohort_info)
+        results = _run_variants(run_dir, variants, cases, cfg, splits, folds, device, progress, cohort_info)
         complete = all((run_dir / v["name"] / f"fold_{k}" / "result.json").exists()
                        for v in variants for k in range(n_folds))
-    except BaseException:
-        if final_dir is not None and rank == 0:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    if final_dir is not None:
-        if rank == 0:
-            commit_overwrite(run_dir, final_dir)
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-        run_dir = final_dir
+    run_dir = final_dir
     out = {"run_dir": str(run_dir), "variants": [v["name"] for v in variants], "complete": complete,
            "results": {f"{n}/fold_{k}": r.get("metrics") for (n, k), r in results.items()}}
     if rank == 0 and report:

@@ -27,6 +27,7 @@ leaves the old one as it was; the next ``--overwrite`` removes the abandoned fol
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -81,6 +82,26 @@ def overwrite_staging(folder: Path, clean: bool = True) -> Path:
             if path.exists():
                 shutil.rmtree(path)
     return staging
+
+
+@contextlib.contextmanager
+def built_beside(folder: Path, replace: bool, main: bool = True, barrier=lambda: None):
+    """Yield the folder a run is built in: ``folder`` itself, or with ``replace`` its staging folder, which
+    takes ``folder``'s place when the block finishes and is removed when it fails. ``main``: this process
+    does the file work (rank 0 of a torchrun job); ``barrier`` waits for the others after the swap."""
+    if not replace:
+        yield Path(folder)
+        return
+    staging = overwrite_staging(folder, clean=main)
+    try:
+        yield staging
+    except BaseException:
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if main:
+        commit_overwrite(staging, folder)
+    barrier()
 
 
 def commit_overwrite(staging: Path, folder: Path) -> None:
