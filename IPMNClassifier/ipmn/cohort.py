@@ -187,7 +187,11 @@ def load_cohort(spec: str | os.PathLike, modalities=("t1", "t2")) -> list[Case]:
         from ipmn.cystx import find_release, load_release
 
         if find_release(p) is not None:
-            return load_release(p, modalities)
+            cases = load_release(p, modalities)
+            bad = [f"{c.case_id!r}: case_id {case_id_problem(c.case_id)}" for c in cases if case_id_problem(c.case_id)]
+            if bad:
+                raise IPMNError(f"Cyst-X release {p}: {len(bad)} scan name(s) cannot name a case: " + "; ".join(bad[:10]))
+            return cases
         return load_cystx(p)
     return load_manifest(p, modalities)
 
