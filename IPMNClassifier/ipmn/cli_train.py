@@ -151,8 +151,7 @@ def cmd_train(args) -> int:
     from ipmn.train import train_model
 
     out = check_out_dir(args.out)
-    work = check_out_dir(args.work_dir, "--work-dir") if args.work_dir is not None else out.parent / f"{out.name}.train"
-    check_out_dir(work, "--work-dir")
+    work = check_out_dir(args.work_dir if args.work_dir is not None else out.parent / f"{out.name}.train", "--work-dir")
     progress = _progress(args)
     stored = stored_train_run(work) if args.resume and not args.overwrite else None
     if stored is not None:
