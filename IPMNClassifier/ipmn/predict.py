@@ -481,7 +481,7 @@ def _serve_one(req: dict, cache: dict, events) -> None:
     check_options(windows, stride)
     configs = model_configs(models)
     inputs = case_inputs(configs[0]["modalities"], req.get("t1"), req.get("t2"), req.get("roi"), req.get("mask"),
-                         req.get("margin", 10.0), req.get("nonfinite") or "refuse")
+                         10.0 if req.get("margin") is None else req["margin"], req.get("nonfinite") or "refuse")
     device = resolve_device(req.get("device") or "auto")
     precision = resolve_precision(req.get("precision") or "auto", device)
     key = (tuple(str(Path(m).resolve()) for m in models), str(device), precision)
