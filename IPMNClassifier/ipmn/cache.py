@@ -43,7 +43,9 @@ from ipmn.errors import IPMNError
 from ipmn.io import atomic_path, write_json
 from ipmn.vocab import sha256_file
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+"""Bumped when reading changes what a file gives: 2 = NIfTI NaN/Inf voxels are refused or cleaned to the
+median (ITK's 0 before) and truncated files are refused, so grids cached from them must not be reused."""
 # Options applied after the cached stage: they do not enter the key.
 _POST_CACHE = ("standardize", "scale01", "scale_percentiles", "version")
 _STATS = {"hits": 0, "misses": 0, "corrupt": 0, "build_s": 0.0}

@@ -8,11 +8,47 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import traceback
 
 from ipmn import __version__
 from ipmn.errors import IPMNError
+
+
+def int_at_least(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high] (argparse prints the error and exits 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from exc
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be at least {low}" + (f" and at most {high}" if high else "")
+                                             + f" (got {value})")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+_BOX = re.compile(r"^-[0-9.]")
+_VALUE_OPTIONS = ("--roi",)
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """``--roi -9.8,-7.3,6.2:150,60,55`` → ``--roi=-9.8,...``: argparse would take a value that starts
+    with '-' (an ROI on the patient's right) for an option."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in _VALUE_OPTIONS and i + 1 < len(argv) and _BOX.match(argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
 
 
 def _add_inputs(p: argparse.ArgumentParser) -> None:
@@ -51,11 +87,13 @@ def cmd_grid(args) -> int:
     from ipmn.config import PreprocessConfig, read_yaml
     from ipmn.grid import case_windows
     from ipmn.inputs import load_inputs
+    from ipmn.io import check_out_dir
     from ipmn.preprocess import prepare_case
 
+    check_out_dir(args.out)
     modalities = tuple(args.modalities.split(",")) if args.modalities else ("t1", "t2")
     cfg = PreprocessConfig.from_dict(read_yaml(args.config).get("preprocess") if args.config else None)
-    if args.cell:
+    if args.cell is not None:
         cfg.cell = args.cell
     volumes, roi = load_inputs(args.t1, args.t2, args.roi, args.mask, modalities, args.margin, args.nonfinite,
                                _series(args), args.mask_segment)
@@ -81,22 +119,30 @@ def _series(args) -> dict:
 
 
 def cmd_predict(args) -> int:
-    from ipmn.predict import Predictor, summary_line
-    from ipmn.progress import Progress
+    from ipmn.inputs import case_inputs, model_configs
+    from ipmn.io import check_out_dir
 
     models = list(args.ensemble or []) or ([args.model] if args.model else [])
     if not models:
         raise IPMNError("no model given: pass --model MODEL_DIR (or --ensemble DIR1 DIR2 ...)")
+    # everything the user can get wrong is checked before torch is imported and the weights are loaded
+    check_out_dir(args.out)
+    configs = model_configs(models)
     if args.dicom_out is not None:
         from ipmn.dicom_out import check_dicom_out
 
-        check_dicom_out(args.t1, ("t1",))  # before the model is loaded; the model's modalities later
+        check_dicom_out(args.t1, tuple(configs[0]["modalities"]))
+    inputs = case_inputs(configs[0]["modalities"], args.t1, args.t2, args.roi, args.mask, args.margin,
+                         args.nonfinite, _series(args), args.mask_segment)
+
+    from ipmn.predict import Predictor, summary_line
+    from ipmn.progress import Progress
+
     predictor = Predictor(models, device=args.device, precision=args.precision)
     result = predictor.predict(
-        t1=args.t1, t2=args.t2, roi=args.roi, mask=args.mask, out=args.out, windows=args.windows, tta=args.tta,
-        stride=args.stride, margin_mm=args.margin, nonfinite=args.nonfinite, pad=args.pad,
-        fidelity=args.fidelity, progress=Progress(args.progress),
-        series=_series(args), segment=args.mask_segment, dicom_out=args.dicom_out,
+        t1=args.t1, out=args.out, windows=args.windows, tta=args.tta, stride=args.stride, pad=args.pad,
+        fidelity=args.fidelity, progress=Progress(args.progress), inputs=inputs,
+        series=_series(args), dicom_out=args.dicom_out,
     )
     if args.json:
         print(json.dumps(result, indent=2))
@@ -119,7 +165,9 @@ def cmd_worker(args) -> int:
 
 def cmd_demo(args) -> int:
     from ipmn.demo import run_demo
+    from ipmn.io import check_out_dir
 
+    check_out_dir(args.out)
     return run_demo(args.out, device=args.device, windows=args.windows)
 
 
@@ -143,12 +191,14 @@ def cmd_cohort(args) -> int:
 
 # ------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
+    from ipmn.config import MAX_CELL
+
     parser = argparse.ArgumentParser(prog="ipmn", description="IPMN risk grading on T1/T2 MRI (ViT + Attention Rollout)")
     parser.add_argument("--version", action="version", version=f"ipmn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("phantoms", help="write a synthetic phantom cohort (NIfTI + .mrk.json + cohort.csv)")
-    p.add_argument("--n", type=int, default=60)
+    p.add_argument("--n", type=int_at_least(1), default=60)
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--centers", type=int, default=1, help="number of simulated centres (1-3)")
@@ -159,10 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("grid", help="preprocess one case and write its k-slice grid (PNG + .npy)")
     _add_inputs(p)
     p.add_argument("--out", required=True)
-    p.add_argument("--k", type=int, default=9)
-    p.add_argument("--cell", type=int, default=None)
+    p.add_argument("--k", type=int_at_least(1), default=9)
+    p.add_argument("--cell", type=int_at_least(8, MAX_CELL), default=None)
     p.add_argument("--windows", choices=["central", "all"], default="central")
-    p.add_argument("--stride", type=int, default=1)
+    p.add_argument("--stride", type=int_at_least(1), default=1)
     p.add_argument("--modalities", default=None, help="t1,t2 (default) | t1 | t2")
     p.add_argument("--config", help="YAML with a 'preprocess:' section")
     p.set_defaults(func=cmd_grid)
@@ -175,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA if available) | cpu | cuda")
     p.add_argument("--windows", choices=["central", "all"], default="central",
                    help="central: the paper's 9 central slices; all: every window, averaged")
-    p.add_argument("--stride", type=int, default=1, help="slice step between windows with --windows all")
+    p.add_argument("--stride", type=int_at_least(1), default=1, help="slice step between windows with --windows all")
     p.add_argument("--tta", action="store_true", help="test-time flips/90-degree rotations, maps un-rotated")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto: bfloat16 on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32")
@@ -218,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_negative_values(list(sys.argv[1:] if argv is None else map(str, argv))))
     try:
         return int(args.func(args) or 0)
     except IPMNError as exc:
@@ -231,6 +281,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("ipmn: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a file the user named or a disk: one line that names it, not a traceback
+        where = f"{str(exc.filename)[:200]}: " if exc.filename else ""
+        print(f"ipmn: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return IPMNError.exit_code
     except MemoryError:
         print("ipmn: error: out of memory; try --device cpu, --windows central, or close other programs", file=sys.stderr)
         return 3

@@ -145,12 +145,13 @@ def cmd_train(args) -> int:
     from ipmn.cohort import load_cohort, summarize, usable
     from ipmn.config import load_config, resolve_config
     from ipmn.cystx import TASKS, apply_label_task, config_for_task
+    from ipmn.io import check_out_dir
     from ipmn.runs import cohort_info, stored_train_run
     from ipmn.splits import pick_cases, split_validation
     from ipmn.train import train_model
 
-    out = Path(args.out)
-    work = Path(args.work_dir) if args.work_dir else out.parent / f"{out.name}.train"
+    out = check_out_dir(args.out)
+    work = check_out_dir(args.work_dir if args.work_dir is not None else out.parent / f"{out.name}.train", "--work-dir")
     progress = _progress(args)
     stored = stored_train_run(work) if args.resume and not args.overwrite else None
     if stored is not None:
@@ -198,25 +199,27 @@ def cmd_train(args) -> int:
 
 
 def cmd_cv(args) -> int:
-    import json
-
     from ipmn.cohort import load_cohort
     from ipmn.config import load_config, resolve_config
     from ipmn.cv import make_variants, run_cv
     from ipmn.cystx import apply_label_task, config_for_task, task_for
     from ipmn.cystx_splits import official_cv_splits
+    from ipmn.io import check_out_dir
     from ipmn.runs import cohort_info
 
+    check_out_dir(args.out)
     progress = _progress(args)
     cohort = args.cohort
     run_json = Path(args.out) / "run.json"
     if cohort is None:
         if not (args.resume and run_json.exists()):
             raise IPMNError("--cohort is required (it may be left out only with --resume on an existing run folder)")
+        from ipmn.runs import read_run_json
+
         try:
-            cohort = json.loads(run_json.read_text(encoding="utf-8")).get("cohort_spec")
-        except (OSError, ValueError) as exc:
-            raise IPMNError(f"{run_json} is damaged; give --cohort") from exc
+            cohort = read_run_json(run_json).get("cohort_spec")
+        except IPMNError as exc:
+            raise IPMNError(f"{exc}; or give --cohort") from exc
         if not cohort:
             raise IPMNError(f"{run_json} does not record the cohort; give --cohort")
     task = task_for(args.labels, args.splits)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ipmn.errors import IPMNError
-from ipmn.vocab import CLASS_NAMES, looks_like_box
+from ipmn.vocab import CLASS_NAMES, case_id_problem, looks_like_box
 
 REQUIRED = ("case_id", "t1", "t2", "roi", "label")
 OPTIONAL = ("center", "patient_id", "mask", "lesion")
@@ -85,6 +85,9 @@ def load_manifest(path: str | os.PathLike, modalities=("t1", "t2"), require_labe
         where = f"line {line}" + (f" ({cid})" if cid else "")
         if not cid:
             problems.append(f"{where}: empty case_id")
+        elif case_id_problem(cid):
+            problems.append(f"line {line} ({cid!r}): case_id {case_id_problem(cid)}")
+            cid = ""
         elif cid in seen:
             problems.append(f"{where}: duplicate case_id (first on line {seen[cid]})")
         else:
@@ -128,11 +131,22 @@ def load_manifest(path: str | os.PathLike, modalities=("t1", "t2"), require_labe
             )
     if not rows:
         problems.append("the manifest has no cases")
+    problems += patient_label_conflicts(cases)
     if problems:
         shown = problems[:25]
         more = f"; ... and {len(problems) - 25} more" if len(problems) > 25 else ""
         raise IPMNError(f"cohort manifest {path} has {len(problems)} problem(s): " + "; ".join(shown) + more)
     return cases
+
+
+def patient_label_conflicts(cases: list[Case]) -> list[str]:
+    """One problem per patient whose cases carry different labels (one patient has one grade)."""
+    by_patient: dict[str, list[Case]] = {}
+    for c in cases:
+        by_patient.setdefault(c.patient_id, []).append(c)
+    return [f"patient {pid!r} has cases with different labels ("
+            + ", ".join(f"{c.case_id}: {c.label_name}" for c in group) + ")"
+            for pid, group in by_patient.items() if len({c.label for c in group}) > 1]
 
 
 def load_cystx(folder: str | os.PathLike, labels_csv: str | os.PathLike | None = None) -> list[Case]:
@@ -151,6 +165,9 @@ def load_cystx(folder: str | os.PathLike, labels_csv: str | os.PathLike | None =
     problems = []
     cases = []
     for cid, raw in sorted(labels.items()):
+        if case_id_problem(cid):
+            problems.append(f"{cid!r}: case_id {case_id_problem(cid)}")
+            continue
         label = parse_label(raw)
         if label is None:
             problems.append(f"{cid}: unknown label {raw!r}")
@@ -181,7 +198,11 @@ def load_cohort(spec: str | os.PathLike, modalities=("t1", "t2")) -> list[Case]:
         from ipmn.cystx import find_release, load_release
 
         if find_release(p) is not None:
-            return load_release(p, modalities)
+            cases = load_release(p, modalities)
+            bad = [f"{c.case_id!r}: case_id {case_id_problem(c.case_id)}" for c in cases if case_id_problem(c.case_id)]
+            if bad:
+                raise IPMNError(f"Cyst-X release {p}: {len(bad)} scan name(s) cannot name a case: " + "; ".join(bad[:10]))
+            return cases
         return load_cystx(p)
     return load_manifest(p, modalities)
 

@@ -37,6 +37,8 @@ LOGGING_ONLY = ("tensorboard",)
 """Train options that change what is logged, not what is trained: left out of a run's fingerprint, so
 that a run may be resumed with them switched."""
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+MAX_CELL = 512
+"""Largest grid cell (pixels per slice): a 3 x 3 grid of 512 px cells is already 1536 px wide."""
 
 
 # ------------------------------------------------------------------------------------------------ values
@@ -270,7 +272,7 @@ class PreprocessConfig(Section):
 
     def validate(self) -> None:
         for key in ("n4_iterations", "scale_percentiles"):
-            if getattr(self, key) is not None:
+            if isinstance(getattr(self, key), list | tuple):
                 setattr(self, key, tuple(getattr(self, key)))
         if self.version not in (1, 2):
             raise IPMNError(f"preprocessing: version must be 1 or 2 (got {self.version!r})")
@@ -284,8 +286,39 @@ class PreprocessConfig(Section):
             )
         if self.smoothing not in ("curvature", "gradient", "none"):
             raise IPMNError(f"preprocessing: smoothing must be curvature, gradient or none (got {self.smoothing!r})")
-        if self.cell < 8:
-            raise IPMNError(f"preprocessing: cell must be at least 8 pixels (got {self.cell})")
+        if not _is_int(self.cell) or not 8 <= self.cell <= MAX_CELL:
+            raise IPMNError(f"preprocessing: cell must be an integer from 8 to {MAX_CELL} pixels (got {self.cell!r})")
+        self._validate_numbers()
+
+    def _validate_numbers(self) -> None:
+        """The values a model package or YAML file may carry: each in the range the filters accept."""
+        if self.reference not in MODALITIES:
+            self.bad("reference", f"one of {list(MODALITIES)}")
+        if self.slice_spacing is not None and not _positive(self.slice_spacing):
+            self.bad("slice_spacing", "a positive number of mm or null")
+        if not (_is_number(self.margin_mm) and math.isfinite(self.margin_mm) and 0 <= self.margin_mm <= 200):
+            self.bad("margin_mm", "a number of mm from 0 to 200")
+        for key in ("n4", "antialias", "scale01"):
+            if not isinstance(getattr(self, key), bool):
+                self.bad(key, "true or false")
+        if not _is_int(self.n4_shrink) or not 1 <= self.n4_shrink <= 16:
+            self.bad("n4_shrink", "an integer from 1 to 16")
+        its = self.n4_iterations
+        if not (isinstance(its, tuple) and 1 <= len(its) <= 8 and all(_is_int(i) and 1 <= i <= 1000 for i in its)):
+            self.bad("n4_iterations", "a list of 1 to 8 integers from 1 to 1000 (one per fitting level)")
+        if not _is_int(self.smoothing_iterations) or not 0 <= self.smoothing_iterations <= 100:
+            self.bad("smoothing_iterations", "an integer from 0 to 100")
+        if not _positive(self.smoothing_conductance):
+            self.bad("smoothing_conductance", "a positive number")
+        pct = self.scale_percentiles
+        if not (isinstance(pct, tuple) and len(pct) == 2 and all(_is_number(v) and math.isfinite(v) for v in pct)
+                and 0 <= pct[0] < pct[1] <= 100):
+            self.bad("scale_percentiles", "two percentiles [low, high] with 0 <= low < high <= 100")
+        if not (_is_number(self.min_coverage) and 0 < self.min_coverage <= 1):
+            self.bad("min_coverage", "a fraction in (0, 1]")
+
+    def bad(self, key: str, what: str):
+        raise IPMNError(f"preprocessing: {key} must be {what} (got {getattr(self, key)!r})")
 
     @classmethod
     def from_package(cls, d: dict | None) -> PreprocessConfig:
@@ -301,6 +334,26 @@ class PreprocessConfig(Section):
         d["n4_iterations"] = list(self.n4_iterations)
         d["scale_percentiles"] = list(self.scale_percentiles)
         return d
+
+
+def package_preprocess(config: dict, where: str = "model") -> tuple[PreprocessConfig, dict | None]:
+    """The preprocessing a model package was trained with, validated, and its learned Nyúl landmarks.
+
+    ``where`` (e.g. the package's config.json) prefixes any error: a package whose values the filters
+    cannot take is refused before any case is read.
+    """
+    pre = config.get("preprocess") or {}
+    if not isinstance(pre, dict):
+        raise IPMNError(f"{where}: 'preprocess' must be a mapping of options, got {type(pre).__name__}")
+    pre = dict(pre)
+    landmarks = pre.pop("landmarks", None) or config.get("landmarks")
+    if landmarks is not None and not isinstance(landmarks, dict):
+        raise IPMNError(f"{where}: 'landmarks' must be a mapping of modality to landmarks")
+    pre.setdefault("cell", config.get("cell", 64))
+    try:
+        return PreprocessConfig.from_package(pre), landmarks
+    except (IPMNError, TypeError) as exc:
+        raise IPMNError(f"{where}: {exc}") from exc
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -445,8 +498,8 @@ class DataConfig(Section):
     cache_dir: str | None = None
 
     def validate(self) -> None:
-        if not _is_number(self.roi_margin_mm) or self.roi_margin_mm < 0:
-            self.bad("roi_margin_mm", "a number >= 0")
+        if not _is_number(self.roi_margin_mm) or not 0 <= self.roi_margin_mm <= 200:
+            self.bad("roi_margin_mm", "a number of mm from 0 to 200")
         if self.nonfinite not in ("refuse", "clean"):
             self.bad("nonfinite", "refuse or clean")
         if not isinstance(self.pad, bool):
@@ -469,6 +522,8 @@ def read_yaml(path: Path) -> dict:
         raise IPMNError(f"config file not found: {path}") from exc
     except OSError as exc:
         raise IPMNError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise IPMNError(f"config file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8 YAML") from exc
     except yaml.YAMLError as exc:
         raise IPMNError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
     if data is None:

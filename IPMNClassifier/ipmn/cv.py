@@ -37,6 +37,7 @@ import numpy as np
 
 from ipmn.errors import IPMNError
 from ipmn.io import write_json
+from ipmn.vocab import slug
 
 # ------------------------------------------------------------------------------------------------ splits
 
@@ -318,7 +319,7 @@ def _examples(fold_dir: Path, model, test_cases, arrays, probs, variant, n: int,
             starts, w = case_windows(arrays[c.case_id], k, "central", pad=True)
             x = torch.from_numpy(w[:1])
             _, maps = explain(model, x.to(next(model.parameters()).device), k=k)
-            dest = fold_dir / "examples" / f"{c.case_id}.png"
+            dest = fold_dir / "examples" / f"{slug(c.case_id, fallback='case', max_len=120)}.png"  # never a path
             title = (f"{c.case_id}: true {names[c.label]}, predicted {names[int(pred[i])]} "
                      f"(p={probs[i, int(pred[i])]:.2f}); slices {starts[0]}-{starts[0] + k - 1}")
             grid_png(dest, w[0], variant["modalities"], maps[0].detach().float().cpu().numpy(), title, k)
@@ -330,6 +331,40 @@ def _examples(fold_dir: Path, model, test_cases, arrays, probs, variant, n: int,
         print(f"ipmn: warning: could not draw example grids for {fold_dir}: {type(exc).__name__}: {exc}",
               file=sys.stderr)
     return out
+
+
+def _barrier(world: int):
+    """A function that waits for every process of a torchrun job (nothing to wait for in one process)."""
+    def barrier() -> None:
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    return barrier
+
+
+def _run_variants(run_dir: Path, variants, cases, cfg: dict, splits: dict, folds, device, progress,
+                  cohort_info) -> dict:
+    """Every requested outer fold of every variant; grids are read once per variant, only when a fold is left."""
+    from ipmn.windows import load_grids
+
+    cases_by_id = {c.case_id: c for c in cases}
+    results = {}
+    for v in variants:
+        usable_cases = [c for c in cases if all(c.has(m) for m in v["modalities"])]
+        skipped = len(cases) - len(usable_cases)
+        if skipped:
+            progress.warn(f"{v['name']}: {skipped} case(s) lack {'/'.join(m.upper() for m in v['modalities'])} "
+                          f"and are left out of this variant ({len(usable_cases)} used)")
+        todo = [k for k in folds if not (run_dir / v["name"] / f"fold_{k}" / "result.json").exists()]
+        vcfg = copy.deepcopy(cfg)
+        vcfg["model"] = v["model"]
+        grids = load_grids(usable_cases, vcfg, progress) if todo else {}
+        for k in folds:
+            results[(v["name"], k)] = run_fold(run_dir, v, cfg, splits, k, cases_by_id, grids, device, progress,
+                                               cohort_info)
+    return results
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -346,9 +381,8 @@ def run_cv(cases, config, run_dir, models=None, modalities=None, fusions=None, f
     from ipmn.config import is_resolved, resolve_config
     from ipmn.device import dist_info
     from ipmn.progress import Progress
-    from ipmn.runs import cv_identity, prepare_cv_folder
+    from ipmn.runs import built_beside, cv_identity, prepare_cv_folder, replaces_cv_run
     from ipmn.splits import check_labels, load_or_make_splits, make_splits, verify_splits
-    from ipmn.windows import load_grids
 
     progress = progress or Progress("none")
     run_dir = Path(run_dir)
@@ -371,66 +405,56 @@ def run_cv(cases, config, run_dir, models=None, modalities=None, fusions=None, f
                                       cvc["leave_one_center_out"], cvc["stratify_center"])
         if fold is not None and not 0 <= fold < len(fresh["folds"]):
             raise IPMNError(f"--fold {fold} does not exist: this run has folds 0-{len(fresh['folds']) - 1}")
-    stored = None
-    if rank == 0:
-        stored = prepare_cv_folder(run_dir, identity, resume, overwrite, extra)
-    if world > 1:
-        import torch.distributed as dist
+    # --overwrite builds the new run beside the old one, which stays until the new one has finished
+    final_dir = run_dir
+    with built_beside(final_dir, overwrite and replaces_cv_run(final_dir), rank == 0, _barrier(world)) as run_dir:
+        stored = None
+        if rank == 0:
+            stored = prepare_cv_folder(run_dir, identity, resume, overwrite, extra)
+        if world > 1:
+            import torch.distributed as dist
 
-        if not dist.is_initialized():
-            from ipmn.device import resolve_device
+            if not dist.is_initialized():
+                from ipmn.device import resolve_device
 
-            dist.init_process_group("nccl" if resolve_device(device).type == "cuda" else "gloo")
-        dist.barrier()
-        stored = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
-        if stored.get("fingerprint") == identity["fingerprint"]:
-            stored = None
-    if stored is not None:
-        progress.warn(f"{run_dir} holds a different run; continuing it with its own settings (--resume)")
-        cfg = stored["resolved_config"]
-        variants = stored["variants_full"]
-        ids = [c[0] for c in stored["cases"]]
-        by_id = {c.case_id: c for c in cases}
-        missing = [i for i in ids if i not in by_id]
-        if missing:
-            raise IPMNError(f"--resume: the stored run uses case(s) not in this cohort: {missing[:5]}")
-        cases = [by_id[i] for i in ids]
-        cohort_info = stored.get("cohort_info") or cohort_info
+                dist.init_process_group("nccl" if resolve_device(device).type == "cuda" else "gloo")
+            dist.barrier()
+            stored = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+            if stored.get("fingerprint") == identity["fingerprint"]:
+                stored = None
+        if stored is not None:
+            progress.warn(f"{run_dir} holds a different run; continuing it with its own settings (--resume)")
+            cfg = stored["resolved_config"]
+            variants = stored["variants_full"]
+            ids = [c[0] for c in stored["cases"]]
+            by_id = {c.case_id: c for c in cases}
+            missing = [i for i in ids if i not in by_id]
+            if missing:
+                raise IPMNError(f"--resume: the stored run uses case(s) not in this cohort: {missing[:5]}")
+            cases = [by_id[i] for i in ids]
+            cohort_info = stored.get("cohort_info") or cohort_info
 
-    splits = None
-    if rank == 0:
-        splits = load_or_make_splits(run_dir, cases, cfg["cv"], None if stored is not None else fresh)
-    if world > 1:
-        import torch.distributed as dist
+        splits = None
+        if rank == 0:
+            splits = load_or_make_splits(run_dir, cases, cfg["cv"], None if stored is not None else fresh)
+        if world > 1:
+            import torch.distributed as dist
 
-        dist.barrier()
-        splits = json.loads((run_dir / "splits.json").read_text(encoding="utf-8"))
-    for w in verify_splits(splits):
-        progress.warn(w)
-    n_folds = len(splits["folds"])
-    if fold is not None and not 0 <= fold < n_folds:
-        raise IPMNError(f"--fold {fold} does not exist: this run has folds 0-{n_folds - 1}")
-    folds = [fold] if fold is not None else list(range(n_folds))
-    progress.stage("cv", f"{len(variants)} variant(s) x {len(folds)} outer fold(s) of {n_folds} "
-                   f"(inner {splits['inner']}), run folder {run_dir}", variants=[v["name"] for v in variants],
-                   folds=folds)
-    cases_by_id = {c.case_id: c for c in cases}
-    results = {}
-    for v in variants:
-        usable_cases = [c for c in cases if all(c.has(m) for m in v["modalities"])]
-        skipped = len(cases) - len(usable_cases)
-        if skipped:
-            progress.warn(f"{v['name']}: {skipped} case(s) lack {'/'.join(m.upper() for m in v['modalities'])} "
-                          f"and are left out of this variant ({len(usable_cases)} used)")
-        todo = [k for k in folds if not (run_dir / v["name"] / f"fold_{k}" / "result.json").exists()]
-        vcfg = copy.deepcopy(cfg)
-        vcfg["model"] = v["model"]
-        grids = load_grids(usable_cases, vcfg, progress) if todo else {}
-        for k in folds:
-            results[(v["name"], k)] = run_fold(run_dir, v, cfg, splits, k, cases_by_id, grids, device, progress,
-                                               cohort_info)
-    complete = all((run_dir / v["name"] / f"fold_{k}" / "result.json").exists()
-                   for v in variants for k in range(n_folds))
+            dist.barrier()
+            splits = json.loads((run_dir / "splits.json").read_text(encoding="utf-8"))
+        for w in verify_splits(splits):
+            progress.warn(w)
+        n_folds = len(splits["folds"])
+        if fold is not None and not 0 <= fold < n_folds:
+            raise IPMNError(f"--fold {fold} does not exist: this run has folds 0-{n_folds - 1}")
+        folds = [fold] if fold is not None else list(range(n_folds))
+        progress.stage("cv", f"{len(variants)} variant(s) x {len(folds)} outer fold(s) of {n_folds} "
+                       f"(inner {splits['inner']}), run folder {run_dir}", variants=[v["name"] for v in variants],
+                       folds=folds)
+        results = _run_variants(run_dir, variants, cases, cfg, splits, folds, device, progress, cohort_info)
+        complete = all((run_dir / v["name"] / f"fold_{k}" / "result.json").exists()
+                       for v in variants for k in range(n_folds))
+    run_dir = final_dir
     out = {"run_dir": str(run_dir), "variants": [v["name"] for v in variants], "complete": complete,
            "results": {f"{n}/fold_{k}": r.get("metrics") for (n, k), r in results.items()}}
     if rank == 0 and make_report:

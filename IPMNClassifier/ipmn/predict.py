@@ -13,6 +13,7 @@ map of the most-attended voxels. All files are written atomically.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -26,11 +27,11 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from ipmn.config import PreprocessConfig
+from ipmn.config import PreprocessConfig, package_preprocess
 from ipmn.device import autocast, resolve_device, resolve_precision
 from ipmn.errors import IPMNError
 from ipmn.grid import case_windows, central_start, roi_to_reference, window_to_roi
-from ipmn.inputs import load_inputs
+from ipmn.inputs import case_inputs
 from ipmn.io import geometry, write_image, write_json
 from ipmn.preprocess import prepare_case
 from ipmn.vocab import (
@@ -45,12 +46,9 @@ from ipmn.vocab import (
 )
 
 
-def preprocess_of(config: dict) -> tuple[PreprocessConfig, dict | None]:
-    """The preprocessing a model was trained with (and its learned Nyúl landmarks, if any)."""
-    pre = dict(config.get("preprocess") or {})
-    landmarks = pre.pop("landmarks", None) or config.get("landmarks")  # top level: packages before 2026-11-30
-    pre.setdefault("cell", int(config.get("cell", 64)))
-    return PreprocessConfig.from_package(pre), landmarks
+def preprocess_of(config: dict, where: str = "model") -> tuple[PreprocessConfig, dict | None]:
+    """The preprocessing a model was trained with (and its learned Nyúl landmarks, if any), validated."""
+    return package_preprocess(config, where)
 
 
 def temperature_of(config: dict) -> float:
@@ -78,6 +76,7 @@ class Predictor:
         self.models, self.configs = [], []
         for d in self.dirs:
             model, config = load_package(d, device="cpu")
+            preprocess_of(config, str(d / "config.json"))  # refuse values the filters cannot take, now
             self.models.append(model.to(self.device).eval())
             self.configs.append(config)
         first = self.configs[0]
@@ -129,27 +128,33 @@ class Predictor:
         series: dict | None = None,
         segment: str | None = None,
         dicom_out=None,
+        inputs: tuple | None = None,
     ) -> dict:
         """Grade one case; write the outputs to ``out`` (when given) and return ``prediction.json``'s content.
 
         ``progress``: an :class:`ipmn.progress.Progress` told each stage with the fraction done.
         ``prepared`` (from :meth:`prepare`) skips reading and preprocessing, so that a batch can preprocess
-        the next case while the model runs on this one (``ipmn evaluate``). ``series`` / ``segment``: see
-        :meth:`prepare`. ``dicom_out``: also write a DICOM SEG + SR there (:mod:`ipmn.dicom_out`).
+        the next case while the model runs on this one (``ipmn evaluate``). ``inputs``: ``(volumes, roi,
+        notes)`` already read by :func:`ipmn.inputs.case_inputs` (the CLI checks the case before loading
+        the model). ``series`` / ``segment``: see :meth:`prepare`. ``dicom_out``: also write a DICOM SEG +
+        SR there (:mod:`ipmn.dicom_out`).
         """
         from ipmn.progress import Progress
 
         progress = progress or Progress("none")
+        check_options(windows, stride)
         t0 = time.perf_counter()
         if dicom_out is not None:  # refused before any work when T1 is not a DICOM series
             from ipmn.dicom_out import check_dicom_out
 
             check_dicom_out(t1, self.modalities)
         if prepared is None:
-            prepared = self.prepare(t1, t2, roi, mask, margin_mm, nonfinite, progress, series, segment)
+            prepared = self.prepare(t1, t2, roi, mask, margin_mm, nonfinite, progress, series, segment, inputs)
         volumes, box, per_model_case = prepared["volumes"], prepared["box"], prepared["cases"]
         timing: dict[str, float] = dict(prepared["timing"])
         case = per_model_case[0]
+        for note in prepared["notes"]:
+            progress.warn(note)
 
         progress.stage("model", fraction=0.5)
         t = time.perf_counter()
@@ -178,6 +183,8 @@ class Predictor:
 
         result = self._result(mean_probs, model_probs, all_probs, pred, windows, stride, starts, case, tta, fid,
                               levels, volumes, box)
+        result["roi_coverage"] = {m: round(float(v), 4) for m, v in case.coverage.items()}
+        result["warnings"] = list(prepared.get("notes") or [])
         if dicom_out is not None:
             from ipmn.dicom_out import write_dicom_outputs
 
@@ -207,24 +214,28 @@ class Predictor:
         return out
 
     def prepare(self, t1=None, t2=None, roi=None, mask=None, margin_mm: float = 10.0, nonfinite: str = "refuse",
-                progress=None, series: dict | None = None, segment: str | None = None) -> dict:
+                progress=None, series: dict | None = None, segment: str | None = None, inputs: tuple | None = None) -> dict:
         """Read one case and put it on its ROI grid as every loaded model needs, once per distinct
         preprocessing (fold models may carry their own Nyúl landmarks). No torch: safe in a worker thread.
-        ``series``: DICOM series UID per modality; ``segment``: which segment / ROI of a multi-part file."""
+        ``series``: DICOM series UID per modality; ``segment``: which segment / ROI of a multi-part file;
+        ``inputs``: ``(volumes, roi, notes)`` already read by :func:`ipmn.inputs.case_inputs`. The result's
+        ``notes`` are the warnings the prediction records (inputs not used, ROI partly outside a volume)."""
         from ipmn.progress import Progress
 
         progress = progress or Progress("none")
         timing: dict[str, float] = {}
         t0 = time.perf_counter()
         progress.stage("read", fraction=0.05)
-        volumes, box = load_inputs(t1, t2, roi, mask, self.modalities, margin_mm, nonfinite, series, segment)
+        if inputs is None:
+            inputs = case_inputs(self.modalities, t1, t2, roi, mask, margin_mm, nonfinite, series, segment)
+        volumes, box, notes = inputs
         timing["read"] = time.perf_counter() - t0
         progress.stage("preprocess", fraction=0.2)
         t = time.perf_counter()
         grids: dict[str, object] = {}
         per_model_case = []
-        for config in self.configs:
-            cfg, landmarks = preprocess_of(config)
+        for d, config in zip(self.dirs, self.configs, strict=True):
+            cfg, landmarks = preprocess_of(config, str(d / "config.json"))
             key = json.dumps([cfg.to_dict(), landmarks], sort_keys=True)
             if key not in grids:
                 grids[key] = prepare_case(volumes, box, cfg, self.modalities, landmarks)
@@ -233,7 +244,8 @@ class Predictor:
         for name, seconds in per_model_case[0].timing.items():
             stage = name.split("_", 1)[-1]
             timing[stage] = timing.get(stage, 0.0) + seconds
-        return {"volumes": volumes, "box": box, "cases": per_model_case, "timing": timing}
+        notes = list(notes) + coverage_notes(per_model_case[0].coverage)
+        return {"volumes": volumes, "box": box, "cases": per_model_case, "timing": timing, "notes": notes}
 
     def _infer(self, per_model_case, windows: str, stride: int, pad: bool, tta: bool):
         """Every model on its windows: (starts, first model's windows, [probs (W, C)], [maps (W, H, W)])."""
@@ -317,19 +329,36 @@ class Predictor:
         }
 
     def _write_outputs(self, out: Path, result, heat, label_img, image, saliency, timing: dict, t_write, t0) -> None:
-        """Stage every output in a hidden folder inside ``out``, then move them into place."""
+        """Stage every output in a hidden folder inside ``out``, then commit them as one unit.
+
+        Under a lock on ``out`` (two predictions into one folder take turns): staging folders left by
+        killed writers are removed, the old ``prediction.json`` goes first, the maps follow and the new
+        ``prediction.json`` (which names every output and its SHA-256) comes last. A writer killed at any
+        point leaves either the previous complete set or maps without a ``prediction.json``, never a new
+        map beside an old ``prediction.json``.
+        """
+        from ipmn.vocab import sha256_file
+
         out.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".ipmn-predict-", dir=out))
-        try:
-            self._write(staging, result, heat, label_img, image, saliency)
-            timing["write"] = time.perf_counter() - t_write
-            timing["total"] = time.perf_counter() - t0
-            result["timing_s"] = {k: round(v, 4) for k, v in timing.items()}
-            write_json(result, staging / PREDICTION_FILE)
-            for name in PREDICT_OUTPUTS:
-                os.replace(staging / name, out / name)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        with output_lock(out):
+            remove_stale_staging(out)
+            staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
+            try:
+                self._write(staging, result, heat, label_img, image, saliency)
+                result["output_sha256"] = {name: sha256_file(staging / name)
+                                           for name in PREDICT_OUTPUTS if name != PREDICTION_FILE}
+                timing["write"] = time.perf_counter() - t_write
+                timing["total"] = time.perf_counter() - t0
+                result["timing_s"] = {k: round(v, 4) for k, v in timing.items()}
+                write_json(result, staging / PREDICTION_FILE)
+                try:
+                    os.unlink(out / PREDICTION_FILE)
+                except FileNotFoundError:
+                    pass
+                for name in PREDICT_OUTPUTS:  # prediction.json last: it marks a complete set
+                    os.replace(staging / name, out / name)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
 
     def _fidelity(self, image: np.ndarray, saliency: np.ndarray, pred: int) -> dict:
         from ipmn.explain import deletion_curve
@@ -349,6 +378,48 @@ class Predictor:
                  title=f"{result['predicted_class'].upper()}  ({probs})", k=self.k)
         result["outputs"] = {"attention": ATTENTION_FILE, "attention_labels": ATTENTION_LABELS_FILE,
                              "grid_png": GRID_PNG_FILE, "prediction": PREDICTION_FILE}
+
+
+STAGING_PREFIX = ".ipmn-predict-"
+
+
+@contextlib.contextmanager
+def output_lock(folder: Path):
+    """An exclusive lock on an output folder (``flock`` on the folder itself: no lock file is left).
+    Where ``flock`` does not exist (Windows) the block runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def remove_stale_staging(folder: Path) -> None:
+    """Remove staging folders of predictions killed mid-write (call with :func:`output_lock` held: every
+    writer stages under the lock, so any staging folder found then is stale)."""
+    for path in folder.glob(STAGING_PREFIX + "*"):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def check_options(windows, stride) -> None:
+    """Refuse option values that would otherwise be changed silently."""
+    if windows not in ("central", "all"):
+        raise IPMNError(f"windows must be 'central' or 'all' (got {windows!r})")
+    if not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
+        raise IPMNError(f"stride must be an integer >= 1 (got {stride!r})")
+
+
+def coverage_notes(coverage: dict, full: float = 0.999) -> list[str]:
+    """Warnings for modalities that do not cover the whole ROI grid (the rest is zero-filled)."""
+    return [f"the ROI lies {100 * (1 - v):.0f}% outside the {m.upper()} volume; that part is filled with zeros"
+            for m, v in coverage.items() if v < full]
 
 
 def _is_vit(model) -> bool:
@@ -377,10 +448,39 @@ def summary_line(result: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------- worker
+_REQUEST_TYPES = {"cmd": str, "model": str, "ensemble": list, "t1": str, "t2": str, "roi": str, "mask": str,
+                  "out": str, "windows": str, "stride": int, "margin": (int, float), "nonfinite": str, "tta": bool,
+                  "fidelity": bool, "pad": bool, "device": str, "precision": str}
+
+
+def check_request(req) -> dict:
+    """A worker request as a dict of correctly typed values, or one IPMNError naming what is wrong.
+
+    ``"tta": "false"`` is refused, not read as true; unknown keys are named."""
+    if not isinstance(req, dict):
+        raise IPMNError(f"a request must be a JSON object, got {type(req).__name__}")
+    unknown = sorted(k for k in req if k not in _REQUEST_TYPES)
+    if unknown:
+        raise IPMNError(f"unknown request key(s) {unknown}; valid: {', '.join(_REQUEST_TYPES)}")
+    for key, value in req.items():
+        kind = _REQUEST_TYPES[key]
+        if value is None and key not in ("cmd", "out"):
+            continue
+        wrong = not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, (int, float)))
+        if wrong:
+            want = {bool: "true or false", str: "a string", int: "an integer", list: "a list"}.get(kind, "a number")
+            raise IPMNError(f"request key {key!r} must be {want}, got {json.dumps(value)}")
+    if "ensemble" in req and req["ensemble"] is not None and not all(isinstance(m, str) for m in req["ensemble"]):
+        raise IPMNError("request key 'ensemble' must be a list of model folders (strings)")
+    return req
+
+
 def serve(stdin=None, stdout=None) -> int:
     """Answer JSON requests, one per line, keeping models loaded between them (``ipmn worker``).
 
     Events go out in the protocol of :mod:`ipmn.progress` (``ready``, ``stage``, ``done``, ``error``, ``bye``).
+    A request that is not a JSON object, has a value of the wrong type, or names an unwritable ``out``
+    gets an ``error`` event; the worker keeps serving.
     """
     from ipmn.progress import Progress
 
@@ -393,9 +493,12 @@ def serve(stdin=None, stdout=None) -> int:
         if not line:
             continue
         try:
-            req = json.loads(line)
+            req = check_request(json.loads(line))
         except json.JSONDecodeError:
             events.error("request is not valid JSON")
+            continue
+        except IPMNError as exc:
+            events.error(str(exc))
             continue
         cmd = req.get("cmd", "predict")
         if cmd == "quit":
@@ -405,26 +508,41 @@ def serve(stdin=None, stdout=None) -> int:
             events.error(f"unknown cmd {cmd!r}")
             continue
         try:
-            models = req.get("ensemble") or [req["model"]]
-            device = resolve_device(req.get("device", "auto"))
-            precision = resolve_precision(req.get("precision", "auto"), device)
-            key = (tuple(str(Path(m).resolve()) for m in models), str(device), precision)
-            if key not in cache:
-                cache.clear()  # one model set alive at a time: memory stays bounded
-                events.stage("load_model", fraction=0.02)
-                cache[key] = Predictor(models, device=str(device), precision=precision)
-            result = cache[key].predict(
-                t1=req.get("t1"), t2=req.get("t2"), roi=req.get("roi"), mask=req.get("mask"), out=req["out"],
-                windows=req.get("windows", "central"), tta=bool(req.get("tta", False)),
-                fidelity=bool(req.get("fidelity", False)), progress=events,
-                series={m: req[f"{m}_series"] for m in ("t1", "t2") if req.get(f"{m}_series")},
-                segment=req.get("mask_segment"), dicom_out=req.get("dicom_out"),
-            )
-            events.emit("done", out=str(req["out"]), prediction=result)
+            _serve_one(req, cache, events)
         except IPMNError as exc:
             events.error(str(exc))
-        except KeyError as exc:
-            events.error(f"request misses {exc}")
         except Exception as exc:  # noqa: BLE001 - a worker must survive one bad case
             events.error(f"internal error: {type(exc).__name__}: {str(exc)[:300]}")
     return 0
+
+
+def _serve_one(req: dict, cache: dict, events) -> None:
+    """One predict request: inputs and ``out`` checked before the model set is (re)loaded."""
+    from ipmn.inputs import model_configs
+    from ipmn.io import check_out_dir
+
+    models = req.get("ensemble") or ([req["model"]] if req.get("model") else [])
+    if not models:
+        raise IPMNError("request misses 'model' (or 'ensemble')")
+    if "out" not in req:
+        raise IPMNError("request misses 'out'")
+    out = check_out_dir(req["out"], "out")
+    windows = req["windows"] if req.get("windows") is not None else "central"
+    stride = req["stride"] if req.get("stride") is not None else 1
+    check_options(windows, stride)
+    configs = model_configs(models)
+    series = {m: req[f"{m}_series"] for m in ("t1", "t2") if req.get(f"{m}_series")}
+    inputs = case_inputs(configs[0]["modalities"], req.get("t1"), req.get("t2"), req.get("roi"), req.get("mask"),
+                         10.0 if req.get("margin") is None else req["margin"], req.get("nonfinite") or "refuse",
+                         series, req.get("mask_segment"))
+    device = resolve_device(req.get("device") or "auto")
+    precision = resolve_precision(req.get("precision") or "auto", device)
+    key = (tuple(str(Path(m).resolve()) for m in models), str(device), precision)
+    if key not in cache:
+        cache.clear()  # one model set alive at a time: memory stays bounded
+        events.stage("load_model", fraction=0.02)
+        cache[key] = Predictor(models, device=str(device), precision=precision)
+    result = cache[key].predict(out=out, windows=windows, stride=stride, tta=bool(req.get("tta")),
+                                pad=bool(req.get("pad")), fidelity=bool(req.get("fidelity")), progress=events,
+                                inputs=inputs, t1=req.get("t1"), series=series, dicom_out=req.get("dicom_out"))
+    events.emit("done", out=str(out), prediction=result)

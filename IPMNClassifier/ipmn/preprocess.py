@@ -39,6 +39,7 @@ class CaseGrid:
     grid: RoiGrid
     modalities: tuple
     timing: dict = field(default_factory=dict)
+    coverage: dict = field(default_factory=dict)  # modality -> fraction of the ROI grid inside its volume
 
     @property
     def n_slices(self) -> int:
@@ -171,16 +172,20 @@ class NyulStandardizer:
 
 
 # ----------------------------------------------------------------------------------------------- pipeline
-def filtered_on_grid(image: sitk.Image, roi: ROI, grid: RoiGrid, cfg: PreprocessConfig, name: str, timing: dict) -> np.ndarray:
+def filtered_on_grid(image: sitk.Image, roi: ROI, grid: RoiGrid, cfg: PreprocessConfig, name: str, timing: dict,
+                     covered: dict | None = None) -> np.ndarray:
     """Crop → N4 (fitted on the shrunk crop) → resample onto the grid → smoothing. (slices, rows, cols).
 
     The bias field is evaluated directly on the ROI grid and the edge-preserving smoothing runs on the
     grid too: both cost milliseconds there, against seconds on the native crop.
     """
     t = time.perf_counter()
-    if coverage(image, grid) < cfg.min_coverage:
+    inside = coverage(image, grid)
+    if covered is not None:
+        covered[name] = inside
+    if inside < cfg.min_coverage:
         raise IPMNError(
-            f"the {name.upper()} volume covers only {100 * coverage(image, grid):.0f}% of the ROI; "
+            f"the {name.upper()} volume covers only {100 * inside:.0f}% of the ROI; "
             f"at least {100 * cfg.min_coverage:.0f}% is needed (does {name.upper()} show the same region as the ROI?)"
         )
     crop = crop_to_roi(image, roi, cfg.margin_mm, name=name.upper())
@@ -241,13 +246,14 @@ def prepare_case(
         raise IPMNError(f"missing modality: {', '.join(m.upper() for m in missing)} is needed")
     ref_name = cfg.reference if cfg.reference in modalities else modalities[0]
     timing: dict[str, float] = {}
+    covered: dict[str, float] = {}
     t = time.perf_counter()
     grid = make_roi_grid(roi, volumes[ref_name], cell=cfg.cell, slice_spacing=cfg.slice_spacing)
     crop_to_roi(volumes[ref_name], roi, 0.0, name=ref_name.upper())  # intersection check, clear message
     timing["grid"] = time.perf_counter() - t
 
     def one(m):
-        arr = filtered_on_grid(volumes[m], roi, grid, cfg, m, timing)
+        arr = filtered_on_grid(volumes[m], roi, grid, cfg, m, timing, covered)
         if not raw:
             t = time.perf_counter()
             arr = standardize_array(arr, m, cfg, landmarks)
@@ -261,4 +267,5 @@ def prepare_case(
             channels = [f.result() for f in futures]  # in modality order: T1's error is reported first
     else:
         channels = [one(modalities[0])]
-    return CaseGrid(np.stack(channels).astype(np.float32), grid, modalities, timing)
+    return CaseGrid(np.stack(channels).astype(np.float32), grid, modalities, timing,
+                    {m: covered[m] for m in modalities})

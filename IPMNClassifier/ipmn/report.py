@@ -47,12 +47,12 @@ TABLE_METRICS = ("accuracy", "balanced_accuracy", "macro_precision", "macro_reca
 def collect(run_dir) -> dict:
     """Everything finished in a run folder."""
     run_dir = Path(run_dir)
+    from ipmn.runs import read_run_json
+
     try:
-        run = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+        run = read_run_json(run_dir / "run.json")
     except FileNotFoundError as exc:
         raise IPMNError(f"{run_dir} is not an ipmn cv run folder (no run.json)") from exc
-    except ValueError as exc:
-        raise IPMNError(f"{run_dir / 'run.json'} is damaged") from exc
     try:
         splits = json.loads((run_dir / "splits.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:

@@ -220,8 +220,10 @@ def load_roi(
         return read_mrk_json(path, segment)
     if not path.exists():
         raise IPMNError(f"ROI: file not found: {path}")
+    from ipmn.io import nifti_nonfinite
     from ipmn.segments import is_segmentation_file, segment_image
 
+    nifti_nonfinite(path, "ROI mask")  # a truncated mask would be read as zeros: a wrong box
     if is_segmentation_file(path):
         return roi_from_mask(segment_image(path, segment), margin_mm=margin_mm, name=f"{path} segment")
     if segment:
@@ -237,6 +239,9 @@ def load_roi(
     if mask.GetDimension() == 4:
         # .seg.nrrd with several layers comes as a 4-D or vector image; collapse the layers.
         mask = sitk.Cast(mask[:, :, :, 0], sitk.sitkUInt8) if mask.GetSize()[3] == 1 else mask
+    if mask.GetNumberOfComponentsPerPixel() > 1 and not path.name.lower().endswith(".seg.nrrd"):
+        raise IPMNError(f"ROI: mask {path} has {mask.GetNumberOfComponentsPerPixel()} components per voxel "
+                        "(a colour image?); a label volume or a Slicer .seg.nrrd is needed")
     if mask.GetNumberOfComponentsPerPixel() > 1:
         comps = [sitk.VectorIndexSelectionCast(mask, i) != 0 for i in range(mask.GetNumberOfComponentsPerPixel())]
         merged = comps[0]

@@ -18,11 +18,18 @@ anything else                          refused, also with ``--overwrite``       
 
 A training's model package folder must be empty, or hold a package that ``--overwrite`` may replace
 (or that the resumed run wrote).
+
+``--overwrite`` never deletes the run it replaces before the new one has finished: the new run is built
+in a hidden folder beside it (``.NAME.overwrite``) and swapped into place on success (the model package
+is replaced by one rename at the end, as every package write is). A new run that fails or is killed
+leaves the old one as it was; the next ``--overwrite`` removes the abandoned folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -44,6 +51,67 @@ def fingerprinted_config(cfg: dict, sections=("model", "preprocess", "data")) ->
 
 def _non_empty(folder: Path) -> bool:
     return folder.exists() and any(folder.iterdir())
+
+
+def read_run_json(path: Path) -> dict:
+    """A run folder's ``run.json`` as a dict; one clear error when it is unreadable or not a JSON object
+    (``FileNotFoundError`` passes through: callers decide what a missing one means)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise IPMNError(f"{path} is damaged (not readable JSON); pass --overwrite to restart the run") from exc
+    if not isinstance(data, dict):
+        raise IPMNError(f"{path} is damaged (it holds a JSON {type(data).__name__}, not an object); "
+                        "pass --overwrite to restart the run")
+    return data
+
+
+# ------------------------------------------------------------------------------------------------ overwrite
+def overwrite_staging(folder: Path, clean: bool = True) -> Path:
+    """The hidden folder beside ``folder`` where an ``--overwrite`` run is built; with ``clean`` the one an
+    abandoned run left is removed, and a run a killed swap left aside is put back."""
+    folder = Path(folder)
+    staging = folder.parent / f".{folder.name}.overwrite"
+    replaced = folder.parent / f".{folder.name}.replaced"
+    if clean:
+        if replaced.exists() and not folder.exists():
+            os.replace(replaced, folder)
+        for path in (staging, replaced):
+            if path.exists():
+                shutil.rmtree(path)
+    return staging
+
+
+@contextlib.contextmanager
+def built_beside(folder: Path, replace: bool, main: bool = True, barrier=lambda: None):
+    """Yield the folder a run is built in: ``folder`` itself, or with ``replace`` its staging folder, which
+    takes ``folder``'s place when the block finishes and is removed when it fails. ``main``: this process
+    does the file work (rank 0 of a torchrun job); ``barrier`` waits for the others after the swap."""
+    if not replace:
+        yield Path(folder)
+        return
+    staging = overwrite_staging(folder, clean=main)
+    try:
+        yield staging
+    except BaseException:
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if main:
+        commit_overwrite(staging, folder)
+    barrier()
+
+
+def commit_overwrite(staging: Path, folder: Path) -> None:
+    """Swap a finished ``--overwrite`` run into place; the old run is deleted only once the new one is there."""
+    folder = Path(folder)
+    replaced = folder.parent / f".{folder.name}.replaced"
+    if folder.exists():
+        os.replace(folder, replaced)
+    os.replace(staging, folder)
+    shutil.rmtree(replaced, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -95,12 +163,8 @@ def check_train_folder(out_dir: Path, package_dir: Path | None, fingerprint: str
     return wipe, None
 
 
-def start_train_folder(out_dir: Path, package_dir: Path | None, identity: dict, wipe: bool, cases, val_cases) -> None:
-    """Create (or replace, when ``wipe``) a training folder and write its ``run.json`` once."""
-    if wipe:
-        shutil.rmtree(out_dir)
-        if package_dir and package_dir.exists() and (package_dir / "config.json").exists():
-            shutil.rmtree(package_dir)
+def start_train_folder(out_dir: Path, identity: dict, cases, val_cases) -> None:
+    """Create a training folder and write its ``run.json`` once."""
     out_dir.mkdir(parents=True, exist_ok=True)
     run_json = out_dir / RUN_FILE
     if not run_json.exists():
@@ -113,11 +177,9 @@ def start_train_folder(out_dir: Path, package_dir: Path | None, identity: dict, 
 def stored_train_run(work: Path) -> dict | None:
     """The ``run.json`` of the training in ``work`` (``None`` if there is none); refuses anything else."""
     try:
-        stored = json.loads((work / RUN_FILE).read_text(encoding="utf-8"))
+        stored = read_run_json(work / RUN_FILE)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
-        raise IPMNError(f"{work / RUN_FILE} is damaged; pass --overwrite to restart") from exc
     if stored.get("kind") != TRAIN_KIND or "config" not in stored:
         raise IPMNError(f"{work} does not hold an ipmn training run; choose another --work-dir")
     return stored
@@ -135,24 +197,39 @@ def cv_identity(cfg: dict, variants: list, cases) -> dict:
     return {"fingerprint": config_digest(ident), **ident}
 
 
+def replaces_cv_run(run_dir: Path) -> bool:
+    """True when ``run_dir`` holds a cv run that ``--overwrite`` may replace; False when it is empty or
+    absent; refuses anything else."""
+    run_dir = Path(run_dir)
+    if not _non_empty(run_dir):
+        return False
+    if not (run_dir / RUN_FILE).exists():
+        raise IPMNError(f"{run_dir} is not empty and is not an ipmn cv run folder; choose another --out")
+    stored = read_run_json(run_dir / RUN_FILE)
+    if stored.get("kind") != CV_KIND:
+        raise IPMNError(f"{run_dir} holds something else than a cv run ({stored.get('kind')}); choose another --out")
+    return True
+
+
 def prepare_cv_folder(run_dir: Path, identity: dict, resume: bool, overwrite: bool, extra: dict) -> dict | None:
-    """Create / check a cv run folder. Returns the stored run.json when continuing a different run (--resume)."""
+    """Create / check a cv run folder. Returns the stored run.json when continuing a different run (--resume).
+    ``--overwrite`` runs are built in a staging folder (:func:`overwrite_staging`), never here."""
     run_dir = Path(run_dir)
     run_json = run_dir / RUN_FILE
     if _non_empty(run_dir):
         if not run_json.exists():
             raise IPMNError(f"{run_dir} is not empty and is not an ipmn cv run folder; choose another --out")
         try:
-            stored = json.loads(run_json.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise IPMNError(f"{run_json} is damaged; pass --overwrite to restart the run") from exc
+            stored = read_run_json(run_json)
+        except FileNotFoundError as exc:
+            raise IPMNError(f"{run_json} is missing") from exc
         if stored.get("kind") != CV_KIND:
             raise IPMNError(f"{run_dir} holds something else than a cv run ({stored.get('kind')}); choose another --out")
-        if stored.get("fingerprint") == identity["fingerprint"] and not overwrite:
-            return None
         if overwrite:
-            shutil.rmtree(run_dir)
-        elif resume:
+            raise ValueError("an --overwrite cv run is built in its staging folder (runs.overwrite_staging)")
+        if stored.get("fingerprint") == identity["fingerprint"]:
+            return None
+        if resume:
             return stored
         else:
             raise IPMNError(

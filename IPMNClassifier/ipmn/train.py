@@ -174,11 +174,15 @@ def train_model(cases, config, out_dir, val_cases=None, device="cpu", progress=N
         done = trainer.prepare(resume, overwrite)
         if done is not None:
             return done
-        trainer.load_data(grids)
-        trainer.build()
-        if resume:
-            trainer.resume()
-        return trainer.fit()
+        try:
+            trainer.load_data(grids)
+            trainer.build()
+            if resume:
+                trainer.resume()
+            return trainer.commit(trainer.fit())
+        except BaseException:
+            trainer.abandon()
+            raise
     finally:  # deterministic mode is process-wide: give the caller back its own setting
         torch.use_deterministic_algorithms(det[0], warn_only=det[1])
 
@@ -198,6 +202,7 @@ class Trainer:
         self.summary_writer = _summary_writer_class() if self.tcfg["tensorboard"] else None
         self.progress = progress or Progress("none")
         self.out_dir = Path(out_dir)
+        self.final_dir: Path | None = None  # set while an --overwrite run is built beside the old one
         self.package_dir = (self.out_dir / "model") if package_dir is None else (Path(package_dir) if package_dir else None)
         self.cases, self.val_cases = list(cases), list(val_cases or [])
         self.cohort_info = cohort_info
@@ -222,7 +227,7 @@ class Trainer:
         Returns the stored summary when the same run already finished."""
         import torch
 
-        from ipmn.runs import check_train_folder, start_train_folder, train_identity
+        from ipmn.runs import check_train_folder, overwrite_staging, start_train_folder, train_identity
         from ipmn.splits import check_labels
 
         cases, val_cases = self.cases, self.val_cases
@@ -252,11 +257,41 @@ class Trainer:
         if done is not None:
             self.progress.stage("train", f"already finished: {self.out_dir}")
             return done
+        if wipe:  # --overwrite: the new run is built beside the old one and swapped in on success
+            self.final_dir = self.out_dir
+            self.out_dir = overwrite_staging(self.final_dir, clean=self.is_main)
+            if self.package_dir and self.package_dir.is_relative_to(self.final_dir):
+                self.package_dir = self.out_dir / self.package_dir.relative_to(self.final_dir)
         self._barrier()
         if self.is_main:
-            start_train_folder(self.out_dir, self.package_dir, identity, wipe, cases, val_cases)
+            start_train_folder(self.out_dir, identity, cases, val_cases)
         self._barrier()
         return None
+
+    def commit(self, summary: dict) -> dict:
+        """An ``--overwrite`` run that finished takes the place of the run it replaces."""
+        from ipmn.runs import SUMMARY_FILE, commit_overwrite
+
+        if self.final_dir is None:
+            return summary
+        staging, self.out_dir = self.out_dir, self.final_dir
+        if self.package_dir and self.package_dir.is_relative_to(staging):
+            self.package_dir = self.final_dir / self.package_dir.relative_to(staging)
+            summary["package"] = str(self.package_dir)
+            if self.is_main:
+                write_json(summary, staging / SUMMARY_FILE)
+        if self.is_main:
+            commit_overwrite(staging, self.final_dir)
+        self._barrier()
+        self.final_dir = None
+        return summary
+
+    def abandon(self) -> None:
+        """A failed ``--overwrite`` run: its staging folder goes, the old run stays as it was."""
+        if self.final_dir is not None and self.is_main:
+            import shutil
+
+            shutil.rmtree(self.out_dir, ignore_errors=True)
 
     def _barrier(self) -> None:
         if self.ddp:

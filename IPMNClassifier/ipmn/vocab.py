@@ -94,6 +94,20 @@ def looks_like_box(text, root: str | os.PathLike | None = None) -> bool:
     return not (Path(root) / text if root is not None else Path(text)).exists()
 
 
+def case_id_problem(case_id: str) -> str | None:
+    """Why ``case_id`` cannot name a case (``None`` when it can). Ids become file names (example grids,
+    cache entries), so path separators, ``..``, NUL and other control characters are refused."""
+    text = str(case_id)
+    if "/" in text or "\\" in text:
+        return "contains a path separator ('/' or '\\')"
+    if ".." in text:
+        return "contains '..'"
+    bad = [c for c in text if ord(c) < 32 or ord(c) == 127]
+    if bad:
+        return f"contains a control character ({', '.join(repr(c) for c in dict.fromkeys(bad))})"
+    return None
+
+
 def slug(text: str, fallback: str = "model", strip: str = "-", max_len: int | None = None) -> str:
     """A file-name-safe version of ``text`` (letters, digits, ``.``, ``_`` and ``-``; ``strip`` trimmed off
     both ends, at most ``max_len`` characters)."""

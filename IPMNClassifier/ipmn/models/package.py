@@ -14,7 +14,9 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -147,7 +149,8 @@ def save_package(folder, model: nn.Module, config: dict, dtype: str = "float32")
     from safetensors.torch import save_file
 
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
+    remove_stale_temporaries(folder)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = folder.parent / f".{folder.name}.tmp-{tag}"
     old = folder.parent / f".{folder.name}.old-{tag}"
     try:
@@ -157,6 +160,7 @@ def save_package(folder, model: nn.Module, config: dict, dtype: str = "float32")
             f.write(text + "\n")
             f.flush()
             os.fsync(f.fileno())
+        _shareable(tmp)
         if folder.exists():
             os.replace(folder, old)
             try:
@@ -173,6 +177,57 @@ def save_package(folder, model: nn.Module, config: dict, dtype: str = "float32")
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _shareable(folder: Path) -> None:
+    """Give the package the permissions of any file the user creates (temporary-file writers make 0600,
+    and a package others cannot read cannot be shared or registered)."""
+    mask = _umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for path in folder.iterdir():
+        os.chmod(path, 0o666 & ~mask)
+
+
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?:(?P<pid>\d+)-)?[0-9a-f]{8}$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: Path, legacy_age_s: float = 3600.0) -> None:
+    """Remove the temporary folders of ``folder`` that killed writers left beside it (``.NAME.tmp-PID-TAG``
+    of a process that no longer runs; older names without a PID once an hour old). A stale ``.old-``
+    folder is the previous package: it is put back if the package is missing, else removed."""
+    for path in folder.parent.glob(f".{folder.name}.*-*"):
+        m = _TEMP_NAME.match(path.name)
+        if not m or m["name"] != folder.name or not path.is_dir() or path.is_symlink():
+            continue
+        if m["pid"] is not None:
+            stale = int(m["pid"]) != os.getpid() and not _alive(int(m["pid"]))
+        else:
+            try:
+                stale = time.time() - path.stat().st_mtime > legacy_age_s
+            except OSError:
+                stale = False
+        if not stale:
+            continue
+        if m["kind"] == "old" and not folder.exists():
+            os.replace(path, folder)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def read_package_config(folder) -> dict:
