@@ -144,11 +144,51 @@ def _select(curves: list[dict], metric: str) -> dict:
     return {"lr": best[1], "epoch": best[2], "lr_index": best[3], "table": table}
 
 
+def _choose_on_inner_folds(fold, variant, spec, vcfg, cfg, usable, lrs, fold_dir, grids, device, progress,
+                           cases_by_id) -> tuple[list, dict, dict]:
+    """Inner folds of one outer fold, on its outer training set only: a learning curve per candidate lr and
+    inner split, the (lr, epoch) they choose, and the temperature fitted on their pooled validation
+    predictions at that choice. Returns ``(curves, choice, selection record)``."""
+    from ipmn.metrics import fit_temperature
+    from ipmn.train import train_model
+
+    curves, used = [], []
+    for i, lr in enumerate(lrs):
+        runs = []
+        for j, inn in enumerate(spec["inner"]):
+            icfg = copy.deepcopy(vcfg)
+            icfg["train"]["lr"] = float(lr)
+            tr, va = usable(inn["train"]), usable(inn["val"])
+            summary = train_model(tr, icfg, fold_dir / "inner" / f"lr{i}_split{j}", val_cases=va, device=device,
+                                  progress=progress.child(inner=j, lr=lr), resume=True, package_dir=False,
+                                  grids=grids, keep_val_logits=True)
+            runs.append(summary["history"])
+            used.append({"lr": lr, "inner": j, "train": summary["train_cases"], "val": summary["val_cases"]})
+        curves.append({"lr": lr, "index": i, "runs": runs})
+    sel = _select(curves, cfg["train"]["select_metric"])
+    logits, ys = [], []
+    for j in range(len(spec["inner"])):
+        hist = curves[sel["lr_index"]]["runs"][j]
+        logits.extend(hist[sel["epoch"] - 1]["val_logits"])
+        ys.extend(cases_by_id[c].label for c in used[sel["lr_index"] * len(spec["inner"]) + j]["val"])
+    temperature = fit_temperature(np.array(logits), np.array(ys)) if cfg["cv"]["temperature"] and logits else 1.0
+    selection = {"fold": fold, "variant": variant["name"], "metric": cfg["train"]["select_metric"],
+                 "selected": {"lr": sel["lr"], "epoch": sel["epoch"]}, "temperature": temperature,
+                 "temperature_fitted_on": f"{len(ys)} pooled inner-validation predictions",
+                 "candidates": sel["table"], "inner_used": used,
+                 "outer_test": spec["test"]}
+    return curves, sel, selection
+
+
 def run_fold(run_dir: Path, variant: dict, cfg: dict, splits: dict, fold: int, cases_by_id: dict, grids: dict,
              device="cpu", progress=None, cohort_info=None) -> dict:
-    """Run (or resume) one outer fold of one variant; returns its result (also in result.json)."""
+    """Run (or resume) one outer fold of one variant; returns its result (also in result.json).
+
+    Inner folds choose (:func:`_choose_on_inner_folds`); the outer model is trained once and tested once.
+    About 100 lines because most of them spell out result.json, the record the report reads.
+    """
     from ipmn.device import autocast_for, dist_info, resolve_device
-    from ipmn.metrics import classification_metrics, fit_temperature, softmax
+    from ipmn.metrics import classification_metrics, softmax
     from ipmn.models import load_package
     from ipmn.progress import Progress
     from ipmn.train import train_model
@@ -176,33 +216,9 @@ def run_fold(run_dir: Path, variant: dict, cfg: dict, splits: dict, fold: int, c
     fold_progress = progress.child(model=variant["name"], fold=fold)
     fold_progress.stage("fold", f"outer fold {fold}: {len(spec['inner'])} inner fold(s) x {len(lrs)} lr")
 
-    # ---- inner folds: curves for every candidate lr, on the outer training set only
-    curves, used = [], []
-    for i, lr in enumerate(lrs):
-        runs = []
-        for j, inn in enumerate(spec["inner"]):
-            icfg = copy.deepcopy(vcfg)
-            icfg["train"]["lr"] = float(lr)
-            tr, va = usable(inn["train"]), usable(inn["val"])
-            summary = train_model(tr, icfg, fold_dir / "inner" / f"lr{i}_split{j}", val_cases=va, device=device,
-                                  progress=fold_progress.child(inner=j, lr=lr), resume=True, package_dir=False,
-                                  grids=grids, keep_val_logits=True)
-            runs.append(summary["history"])
-            used.append({"lr": lr, "inner": j, "train": summary["train_cases"], "val": summary["val_cases"]})
-        curves.append({"lr": lr, "index": i, "runs": runs})
-    sel = _select(curves, cfg["train"]["select_metric"])
-    # temperature: pooled inner-validation predictions at the selected (lr, epoch)
-    logits, ys = [], []
-    for j in range(len(spec["inner"])):
-        hist = curves[sel["lr_index"]]["runs"][j]
-        logits.extend(hist[sel["epoch"] - 1]["val_logits"])
-        ys.extend(cases_by_id[c].label for c in used[sel["lr_index"] * len(spec["inner"]) + j]["val"])
-    temperature = fit_temperature(np.array(logits), np.array(ys)) if cvc["temperature"] and logits else 1.0
-    selection = {"fold": fold, "variant": variant["name"], "metric": cfg["train"]["select_metric"],
-                 "selected": {"lr": sel["lr"], "epoch": sel["epoch"]}, "temperature": temperature,
-                 "temperature_fitted_on": f"{len(ys)} pooled inner-validation predictions",
-                 "candidates": sel["table"], "inner_used": used,
-                 "outer_test": spec["test"]}
+    curves, sel, selection = _choose_on_inner_folds(fold, variant, spec, vcfg, cfg, usable, lrs, fold_dir, grids,
+                                                    device, fold_progress, cases_by_id)
+    temperature = selection["temperature"]
     if rank == 0:
         write_json(selection, fold_dir / "selection.json")
 
@@ -376,6 +392,8 @@ def run_cv(cases, config, run_dir, models=None, modalities=None, fusions=None, f
     ``config``: raw or resolved config (its ``cv`` section gives outer/inner/seed/...). ``fold``: run only
     that outer fold. With ``resume`` a folder holding a different run is continued with *its* settings.
     ``splits``: ready-made splits for these cases (e.g. ``ipmn.cystx_splits.official_cv_splits``) instead of ours.
+    About 90 lines: the run folder, --resume of another run, torchrun ranks and the splits must be settled in
+    this order before any fold runs; each step is a call into :mod:`ipmn.runs` or :mod:`ipmn.splits`.
     """
     from ipmn.cohort import summarize
     from ipmn.config import is_resolved, resolve_config
