@@ -288,7 +288,7 @@ def test_fold_packages_apply_their_temperature_at_prediction(cv_run):
         probs, raw, y = [], [], []
         for row in result["predictions"]:
             c = by_id[row["case_id"]]
-            out = predictor.predict(t1=c.t1, t2=c.t2, roi=c.roi, mask=c.mask, windows="central")
+            out = predictor.predict(t1=c.t1, t2=c.t2, **c.roi_spec, windows="central")
             probs.append([out["probabilities"][n] for n in ("normal", "low", "high")])
             raw.append(row["probs"])
             y.append(row["true"])

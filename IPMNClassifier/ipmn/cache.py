@@ -210,13 +210,11 @@ class GridCache:
         from ipmn.inputs import load_inputs
         from ipmn.preprocess import prepare_case
 
-        mask = case.mask if not case.roi else None
         volumes, roi = load_inputs(
             case.t1 if "t1" in self.modalities else None,
             case.t2 if "t2" in self.modalities else None,
-            case.roi, mask, self.modalities, self.roi_margin_mm, self.nonfinite,
-            series={m: case.extra[f"{m}_series"] for m in ("t1", "t2") if (case.extra or {}).get(f"{m}_series")},
-            segment=(case.extra or {}).get("mask_segment") or None,
+            **case.roi_spec, modalities=self.modalities, margin_mm=self.roi_margin_mm, nonfinite=self.nonfinite,
+            **case.choices,
         )
         grid = prepare_case(volumes, roi, self.cfg, self.modalities, raw=True)
         return CachedGrid(case.case_id, np.ascontiguousarray(grid.data, dtype=np.float32), grid.grid.to_dict(),

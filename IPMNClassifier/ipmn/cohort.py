@@ -50,6 +50,18 @@ class Case:
     def has(self, modality: str) -> bool:
         return getattr(self, modality) is not None
 
+    @property
+    def roi_spec(self) -> dict:
+        """The ROI as ``ipmn predict`` takes it: the ``roi`` column when given, else the ``mask`` (+ margin)."""
+        return {"roi": self.roi, "mask": None} if self.roi else {"roi": None, "mask": self.mask}
+
+    @property
+    def choices(self) -> dict:
+        """Which DICOM series (``t1_series``/``t2_series``) and which segment (``mask_segment``) to read."""
+        extra = self.extra or {}
+        return {"series": {m: extra[f"{m}_series"] for m in ("t1", "t2") if extra.get(f"{m}_series")},
+                "segment": extra.get("mask_segment") or None}
+
 
 def parse_label(value: str) -> int | None:
     return LABEL_ALIASES.get(str(value).strip().lower())

@@ -298,7 +298,7 @@ def _localisation(model_dir: Path, test_cases, cfg: dict, device: str) -> dict |
     predictor = Predictor([model_dir], device=device, precision="fp32")
     rows = []
     for c in cases:
-        predictor.predict(t1=c.t1, t2=c.t2, roi=c.roi, mask=c.mask, windows=cfg["train"]["val_windows"],
+        predictor.predict(t1=c.t1, t2=c.t2, **c.roi_spec, **c.choices, windows=cfg["train"]["val_windows"],
                           margin_mm=cfg["data"]["roi_margin_mm"], nonfinite=cfg["data"]["nonfinite"],
                           pad=cfg["data"]["pad"])
         loc = localise(predictor.last_maps["attention"], predictor.last_maps["inside"], c.lesion)

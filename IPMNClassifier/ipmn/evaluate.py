@@ -180,7 +180,7 @@ def evaluate(cohort, models, out, windows: str = "central", tta: bool = False, d
 
     def prepare(c):
         try:
-            return predictor.prepare(c.t1, c.t2, c.roi, c.mask, margin_mm)
+            return predictor.prepare(c.t1, c.t2, **c.roi_spec, margin_mm=margin_mm, **c.choices)
         except IPMNError as exc:
             return exc
 

@@ -52,7 +52,7 @@ def main(argv=None) -> int:
 
         def loop(k):
             for c in cases:
-                predictor.predict(c.t1, c.t2, c.roi, c.mask, out=tmp / f"loop{k}" / c.case_id, windows=args.windows)
+                predictor.predict(c.t1, c.t2, **c.roi_spec, out=tmp / f"loop{k}" / c.case_id, windows=args.windows)
 
         def batch(k):
             evaluate(manifest, None, tmp / f"eval{k}", windows=args.windows, predictor=predictor)
