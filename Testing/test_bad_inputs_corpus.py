@@ -287,7 +287,10 @@ def test_roi_on_the_patients_right_is_accepted_as_a_separate_argument(tmp_path):
 def test_partly_outside_roi_and_unused_t2_are_recorded(tmp_path, capsys):
     """An ROI 1/3 above the top of T1 is graded with a coverage field and a warning; a T2 given to a T1-only
     model is reported as unused."""
-    top_s = -69.937706 + 43 * 2.916183  # the sample T1's last slice (S, mm)
+    t1 = sitk.ReadImage(str(SAMPLE / "sample_t1.nii.gz"))
+    corners = [t1.TransformIndexToPhysicalPoint((i, j, k)) for i in (0, t1.GetSize()[0] - 1)
+               for j in (0, t1.GetSize()[1] - 1) for k in (0, t1.GetSize()[2] - 1)]
+    top_s = max(c[2] for c in corners)  # the sample T1's last slice (S = LPS z, mm)
     centre_s = top_s + 0.34 * 55 - 55 / 2
     box = f"--roi={ROI_RAS[0]},{ROI_RAS[1]},{centre_s}:150,60,55"
     out = tmp_path / "out"
@@ -637,12 +640,12 @@ def test_cv_overwrite_is_swapped_in_only_when_every_fold_finished(tmp_path, monk
 
     monkeypatch.setattr(cv_mod, "run_fold", fake_fold(fail_at=1))
     with pytest.raises(RuntimeError, match="fold 1 died"):
-        run_cv(cases, cfg, run_dir, overwrite=True, report=False)
+        run_cv(cases, cfg, run_dir, overwrite=True, make_report=False)
     assert {p: p.read_text() for p in old} == old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
     monkeypatch.setattr(cv_mod, "run_fold", fake_fold(fail_at=None))
-    out = run_cv(cases, cfg, run_dir, overwrite=True, report=False)
+    out = run_cv(cases, cfg, run_dir, overwrite=True, make_report=False)
     assert out["complete"] and out["run_dir"] == str(run_dir)
     assert json.loads((run_dir / "run.json").read_text())["kind"] == "ipmn-cv"
     assert not (run_dir / "summary.json").exists() and not (run_dir / "fold_0").exists()

@@ -115,7 +115,7 @@ def _render_same_contrast(case_seed=5):
     g2 = _make_geometry(rng, (256, 256), 30, 340, 4.0, "PLS", 9.0, np.array([4.0, -6.0, 3.0]))
 
     def image(geom, shift):
-        arr, _ = _render(anat, geom, np.asarray(shift, np.float32), 0, h=float(np.mean(geom[1])))
+        arr, _, _ = _render(anat, geom, np.asarray(shift, np.float32), 0, h=float(np.mean(geom[1])))
         img = sitk.GetImageFromArray(arr)
         img.SetOrigin(geom[0].tolist())
         img.SetSpacing(geom[1].tolist())

@@ -127,11 +127,11 @@ def cmd_predict(args) -> int:
         raise IPMNError("no model given: pass --model MODEL_DIR (or --ensemble DIR1 DIR2 ...)")
     # everything the user can get wrong is checked before torch is imported and the weights are loaded
     check_out_dir(args.out)
-    configs = model_configs(models)
     if args.dicom_out is not None:
         from ipmn.dicom_out import check_dicom_out
 
-        check_dicom_out(args.t1, tuple(configs[0]["modalities"]))
+        check_dicom_out(args.t1, ("t1",))  # the model's own modalities are checked again when it predicts
+    configs = model_configs(models)
     inputs = case_inputs(configs[0]["modalities"], args.t1, args.t2, args.roi, args.mask, args.margin,
                          args.nonfinite, _series(args), args.mask_segment)
 
