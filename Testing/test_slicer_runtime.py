@@ -330,9 +330,6 @@ def test_self_test_sample_is_graded_abnormal_with_weight_on_its_true_grade(sampl
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="engine: the same T1 as NRRD (what Slicer writes) instead of NIfTI flips the "
-                                       "demo model from high (0.51) to low (0.57); voxels identical, geometry equal "
-                                       "to 1e-13 -- reported to the integrator")
 def test_self_test_sample_gets_its_true_grade(sample_result):
     from IPMNClassifierLib.sampledata import expectedSampleClass
 
