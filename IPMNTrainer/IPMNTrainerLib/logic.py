@@ -24,7 +24,13 @@ from ipmn import registry
 from ipmn.errors import IPMNError
 from ipmn.vocab import CONFIG_FILE, MODALITY_SETS, is_perfect_square
 from IPMNClassifierLib import engine as eng
-from IPMNTrainerLib.presets import configOverrides, effectiveOptions, pretrainedProblems, setPretrained
+from IPMNTrainerLib.presets import (
+    configOverrides,
+    effectiveOptions,
+    loadConfig,
+    pretrainedProblems,
+    setPretrained,
+)
 
 ATTR_ROLE = "IPMN.Role"
 ROLE_CURVE_TABLE = "learning_curve"
@@ -397,12 +403,7 @@ class TrainerLogic:
         base = Path(options.config) if options.config else self.defaultConfig()
         if base is None:
             raise IPMNError("choose a training config (YAML): no preset was found in the engine")
-        try:
-            config = yaml.safe_load(base.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise IPMNError(f"cannot read the config {base}: {exc}") from exc
-        if not isinstance(config, dict):
-            raise IPMNError(f"the config {base} must hold a mapping of options")
+        config = loadConfig(base)
         notes = applyOverrides(config, configOverrides(options))
         setPretrained(config, options.pretrained)
         path = Path(folder) / "ipmn-trainer-config.yaml"
