@@ -140,7 +140,7 @@ def test_presets_and_overrides(tmp_path):
     assert practical["train"]["optimizer"] == "adamw" and practical["train"]["schedule"] == "cosine"
     assert practical["train"]["warmup_epochs"] > 0 and practical["train"]["lr"] < 0.003
     demo = resolve_config(load_config("demo"), {"train": {"epochs": 3, "lr": None}})
-    assert demo["train"]["epochs"] == 3 and demo["train"]["lr"] == 0.0005  # None = not given on the CLI
+    assert demo["train"]["epochs"] == 3 and demo["train"]["lr"] == 0.001  # None = not given on the CLI
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  epochs: 5\nmodel:\n  arch: vit_tiny\n")
     c = resolve_config(load_config(f))
