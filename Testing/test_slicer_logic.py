@@ -985,8 +985,8 @@ def test_trainer_end_to_end_real_cv(scene, tmp_path, phantom_cohort):
     demo = (CLASSIFIER_DIR / "ipmn" / "presets" / "demo.yaml").read_text()
     base = tmp_path / "base.yaml"
     base.write_text(
-        demo.replace("depth: 6", "depth: 1")
-        .replace("windows_per_case: 6", "windows_per_case: 1")
+        demo.replace("depth: 4", "depth: 1")
+        .replace("windows_per_case: 2", "windows_per_case: 1")
         .replace("n4: true", "n4: false")
         .replace("smoothing: curvature", "smoothing: none")
         .replace("temperature: true", "temperature: true\n  examples: 0")
