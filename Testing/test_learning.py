@@ -25,9 +25,11 @@ def test_demo_recipe_ranks_high_above_low_on_held_out_phantoms(tmp_path_factory)
     from sklearn.metrics import roc_auc_score
 
     from ipmn.cohort import load_manifest
+    from ipmn.config import load_config, resolve_config
     from ipmn.models import load_package
     from ipmn.phantoms import make_cohort
-    from ipmn.train import load_config, load_grids, predict_cases, prepare_arrays, resolve_config, train_model
+    from ipmn.train import train_model
+    from ipmn.windows import load_grids, predict_cases, prepare_arrays
 
     base = tmp_path_factory.mktemp("learning")
     train_cases = load_manifest(make_cohort(base / "train", n=LEARN_N_TRAIN, seed=31, workers=2))
