@@ -108,6 +108,8 @@ def test_demo_model_predicts_as_it_was_trained(one_torch_thread):
 
     want = probs_for(np.stack([old_rule(c) for c in raw]))
     np.testing.assert_allclose([got["probabilities"][n] for n in ("normal", "low", "high")], want, atol=2e-4)
-    # the same package read with the new rules (a real z-score) would predict differently
+    # the same package read with the new rules (a real z-score) would get other inputs (the shipped conv-stem
+    # model happens to be nearly invariant to this affine change, so the inputs are compared, not its outputs)
     zscored = np.stack([(c - c.mean()) / c.std() for c in raw])
-    assert np.abs(probs_for(zscored) - want).max() > 0.01
+    old_inputs = np.stack([old_rule(c) for c in raw])
+    assert np.abs(zscored - old_inputs).max() > 0.5
