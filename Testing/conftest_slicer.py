@@ -25,19 +25,10 @@ def make_scene(monkeypatch):
     """A real MRML scene with the application, colour and subject-hierarchy logics, as Slicer sets it up."""
     import slicer
 
-    scene = slicer.vtkMRMLScene()
-    app_logic = slicer.vtkSlicerApplicationLogic()
-    app_logic.SetMRMLScene(scene)
-    colors = slicer.vtkSlicerColorLogic()
-    colors.SetMRMLApplicationLogic(app_logic)
-    colors.SetMRMLScene(scene)
-    app_logic.SetModuleLogic("Colors", colors)
+    from IPMNClassifierLib.slicecompose import sceneWithLogics
+
+    scene, volumes = sceneWithLogics()
     monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
-    volumes = slicer.vtkSlicerVolumesLogic()
-    volumes.SetMRMLApplicationLogic(app_logic)
-    volumes.SetMRMLScene(scene)
-    # keep the logics alive as long as the scene
-    scene._ipmn_logics = (app_logic, colors, volumes)
     return scene, volumes
 
 

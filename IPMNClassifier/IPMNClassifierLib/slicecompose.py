@@ -106,3 +106,21 @@ def _hasPresets(scene) -> bool:
 def _composerArgs(layers: dict) -> dict:
     return {"background": layers["background"], "foreground": layers["foreground"],
             "foregroundOpacity": layers["foregroundOpacity"], "label": layers["label"]}
+
+
+def sceneWithLogics():
+    """A real MRML scene with the application, colour and volumes logics wired as Slicer sets them up
+    (what slice compositing needs without the application: scripts and slicer-core tests).
+    Returns ``(scene, volumesLogic)``; the logics are kept alive on the scene."""
+    scene = slicer.vtkMRMLScene()
+    appLogic = slicer.vtkSlicerApplicationLogic()
+    appLogic.SetMRMLScene(scene)
+    colors = slicer.vtkSlicerColorLogic()
+    colors.SetMRMLApplicationLogic(appLogic)
+    colors.SetMRMLScene(scene)
+    appLogic.SetModuleLogic("Colors", colors)
+    volumes = slicer.vtkSlicerVolumesLogic()
+    volumes.SetMRMLApplicationLogic(appLogic)
+    volumes.SetMRMLScene(scene)
+    scene._ipmn_logics = (appLogic, colors, volumes)
+    return scene, volumes

@@ -25,24 +25,15 @@ import vtk  # noqa: E402
 
 from IPMNClassifierLib.engine import EngineLauncher  # noqa: E402
 from IPMNClassifierLib.logic import ClassifierLogic, PredictOptions  # noqa: E402
-from IPMNClassifierLib.slicecompose import SliceComposer  # noqa: E402
+from IPMNClassifierLib.slicecompose import SliceComposer, sceneWithLogics  # noqa: E402
 
 SIZE = (480, 480)
 
 
 def scene_with_logics():
-    scene = slicer.vtkMRMLScene()
-    app_logic = slicer.vtkSlicerApplicationLogic()
-    app_logic.SetMRMLScene(scene)
-    colors = slicer.vtkSlicerColorLogic()
-    colors.SetMRMLApplicationLogic(app_logic)
-    colors.SetMRMLScene(scene)
-    app_logic.SetModuleLogic("Colors", colors)
-    volumes = slicer.vtkSlicerVolumesLogic()
-    volumes.SetMRMLApplicationLogic(app_logic)
-    volumes.SetMRMLScene(scene)
+    scene, volumes = sceneWithLogics()
     slicer.mrmlScene = scene
-    return scene, volumes, (app_logic, colors)
+    return scene, volumes, scene._ipmn_logics
 
 
 def inferno(scene):
