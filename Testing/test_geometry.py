@@ -10,6 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from ipmn.config import PreprocessConfig
+from ipmn.errors import IPMNError
 from ipmn.grid import (
     case_windows,
     make_roi_grid,
@@ -182,3 +183,46 @@ def test_grid_to_volume_roundtrip_is_exact():
     np.testing.assert_array_equal(back, values)
     # outside the ROI the map is 0
     assert sitk.GetArrayViewFromImage(in_t1)[:, :, 0].max() == 0
+
+
+def _marker_pair_columns(roi_size_x, grid_spacing_mm):
+    """Column distance on the grid between two markers 30 mm apart along patient left-right."""
+    roi = ROI(center=[0.0, 0.0, 0.0], size=[roi_size_x, 60.0, 40.0], axes=np.eye(3))
+    markers = [[-15.0, 0.0, 0.0], [15.0, 0.0, 0.0]]
+    image = _volume_with_markers(ORIENTATIONS["LPS"], markers, spacing=(1.0, 1.0, 2.0), size=(200, 120, 40))
+    cfg = PreprocessConfig.from_dict({**RAW.to_dict(), "grid_spacing_mm": grid_spacing_mm})
+    case = prepare_case({"t1": image}, roi, cfg, ("t1",))
+    profile = case.data[0].max(axis=(0, 1))  # over slices and rows
+    left, right = profile[:32], profile[32:]
+    return (32 + int(np.argmax(right))) - int(np.argmax(left)), case.grid
+
+
+@pytest.mark.parametrize("roi_size_x", [100.0, 160.0])
+def test_fixed_grid_spacing_keeps_physical_sizes_in_pixels(roi_size_x):
+    # Two markers 30 mm apart: with 2 mm pixels they are 15 columns apart whatever the ROI's size...
+    cols, grid = _marker_pair_columns(roi_size_x, [2.0, 1.0])
+    assert grid.spacing[:2] == (2.0, 1.0)
+    assert abs(cols - 15) <= 1
+    field = grid.field_roi()
+    assert np.allclose(field.center, [0.0, 0.0, 0.0], atol=1.01)  # centred on the ROI (slices snap)
+    assert np.allclose(field.size[:2], [128.0, 64.0])
+
+
+def test_roi_scaled_grid_changes_physical_sizes_in_pixels():
+    # ...while the default (ROI / cell) puts them 30 * 64 / size columns apart: the ablation of the option.
+    small, _ = _marker_pair_columns(100.0, None)
+    large, _ = _marker_pair_columns(160.0, None)
+    assert abs(small - 30 * 64 / 100) <= 1 and abs(large - 30 * 64 / 160) <= 1
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, [2.0], [2.0, 0.0], "2", 50.0])
+def test_grid_spacing_refuses_bad_values(bad):
+    with pytest.raises(IPMNError, match="grid_spacing_mm"):
+        PreprocessConfig.from_dict({"grid_spacing_mm": bad})
+
+
+def test_grid_spacing_absent_from_configs_that_do_not_set_it():
+    # Fingerprints and cache keys of configs written before the option existed stay the same.
+    assert "grid_spacing_mm" not in PreprocessConfig().to_dict()
+    assert PreprocessConfig.from_dict({"grid_spacing_mm": 2.4}).to_dict()["grid_spacing_mm"] == 2.4
+    assert PreprocessConfig.from_dict({"grid_spacing_mm": 2.4}).pixel_mm == (2.4, 2.4)

@@ -254,6 +254,10 @@ class PreprocessConfig(Section):
 
     NAME = "preprocess"
     cell: int = 64  # grid pixels across the ROI in-plane
+    # Fixed in-plane pixel size in mm: one number, or [along patient left, along posterior]; None = the ROI
+    # divided into cell x cell pixels (each case its own scale). Left out of to_dict() when None, so the
+    # fingerprints of configs and caches that predate it are unchanged.
+    grid_spacing_mm: float | list | None = None
     reference: str = "t1"  # modality whose slice spacing sets the grid's slices
     slice_spacing: float | None = None  # override the reference's slice spacing (mm)
     margin_mm: float = 20.0  # context around the ROI for N4 / smoothing
@@ -294,6 +298,12 @@ class PreprocessConfig(Section):
         """The values a model package or YAML file may carry: each in the range the filters accept."""
         if self.reference not in MODALITIES:
             self.bad("reference", f"one of {list(MODALITIES)}")
+        gs = self.grid_spacing_mm
+        if gs is not None and not (
+            (_positive(gs) and gs <= 20)
+            or (isinstance(gs, list | tuple) and len(gs) == 2 and all(_positive(v) and v <= 20 for v in gs))
+        ):
+            self.bad("grid_spacing_mm", "null, a pixel size in mm (0-20), or two: [along left, along posterior]")
         if self.slice_spacing is not None and not _positive(self.slice_spacing):
             self.bad("slice_spacing", "a positive number of mm or null")
         if not (_is_number(self.margin_mm) and math.isfinite(self.margin_mm) and 0 <= self.margin_mm <= 200):
@@ -320,6 +330,14 @@ class PreprocessConfig(Section):
     def bad(self, key: str, what: str):
         raise IPMNError(f"preprocessing: {key} must be {what} (got {getattr(self, key)!r})")
 
+    @property
+    def pixel_mm(self) -> tuple[float, float] | None:
+        """``grid_spacing_mm`` as (along left, along posterior), or None."""
+        gs = self.grid_spacing_mm
+        if gs is None:
+            return None
+        return (float(gs[0]), float(gs[1])) if isinstance(gs, list | tuple) else (float(gs), float(gs))
+
     @classmethod
     def from_package(cls, d: dict | None) -> PreprocessConfig:
         """The preprocessing recorded in a model package. Packages without ``version`` predate rules
@@ -333,6 +351,10 @@ class PreprocessConfig(Section):
         d = asdict(self)
         d["n4_iterations"] = list(self.n4_iterations)
         d["scale_percentiles"] = list(self.scale_percentiles)
+        if d["grid_spacing_mm"] is None:
+            del d["grid_spacing_mm"]
+        elif isinstance(d["grid_spacing_mm"], tuple):
+            d["grid_spacing_mm"] = list(d["grid_spacing_mm"])
         return d
 
 
@@ -376,6 +398,7 @@ class TrainConfig(Section):
     augment: bool = True
     windows_per_case: int | None = None  # cap on training windows drawn per case and epoch (None = all)
     window_stride: int = 1
+    window_reach: int | None = None  # training windows start at most this many slices from the central one
     val_windows: str = "central"  # central | all (probabilities averaged per case)
     select_metric: str = "balanced_accuracy"  # balanced_accuracy | accuracy | macro_auc | loss
     early_stopping_patience: int | None = None
@@ -387,6 +410,12 @@ class TrainConfig(Section):
     save_dtype: str = "float32"  # float32 | float16 (package weights)
     keep_checkpoint: bool = False  # keep the last checkpoint after a finished run
     tensorboard: bool = False  # also log each epoch's scalars to <run folder>/tensorboard
+    # Distillation (DeiT's hard-label variant): a CNN teacher of this arch is trained first on the same
+    # training split (teacher_epochs, default epochs); the loss is (1 - distill_alpha) * CE(label)
+    # + distill_alpha * CE(teacher's class). None = no teacher.
+    teacher_arch: str | None = None
+    teacher_epochs: int | None = None
+    distill_alpha: float = 0.5
 
     def validate(self, num_classes: int = 3) -> None:
         if self.optimizer not in ("adam", "adamw", "sgd"):
@@ -410,6 +439,10 @@ class TrainConfig(Section):
         for key in ("augment", "deterministic", "keep_checkpoint", "tensorboard"):
             if not isinstance(getattr(self, key), bool):
                 self.bad(key, "true or false")
+        self._validate_distillation()
+        reach = self.window_reach
+        if reach is not None and (not _is_int(reach) or reach < 0):
+            self.bad("window_reach", "an integer >= 0 or null")
         wpc = self.windows_per_case
         if wpc is not None and (not _is_int(wpc) or wpc < 1):
             self.bad("windows_per_case", "an integer >= 1 or null")
@@ -430,6 +463,20 @@ class TrainConfig(Section):
             self.bad("seed", "an integer")
         if self.save_dtype not in ("float32", "float16"):
             self.bad("save_dtype", "float32 or float16")
+
+    def _validate_distillation(self) -> None:
+        from ipmn.models.cnn import CNN_ARCHS
+
+        if self.teacher_arch is not None:
+            self.teacher_arch = resolve_arch(self.teacher_arch)
+            if self.teacher_arch not in CNN_ARCHS:
+                self.bad("teacher_arch", f"null or one of {', '.join(CNN_ARCHS)}")
+        te = self.teacher_epochs
+        if te is not None and (not _is_int(te) or te < 1):
+            self.bad("teacher_epochs", "an integer >= 1 or null")
+        a = self.distill_alpha
+        if not (_is_number(a) and 0 <= a <= 1):
+            self.bad("distill_alpha", "a number from 0 to 1")
 
     def _validate_class_weights(self, num_classes: int) -> None:
         cw = self.class_weights

@@ -59,6 +59,13 @@ class RoiGrid:
         image.SetDirection(self.direction)
         return image
 
+    def field_roi(self) -> ROI:
+        """The box the grid samples (pixel centres ± half a pixel) as an :class:`ROI`."""
+        direction = np.array(self.direction).reshape(3, 3)
+        spacing, size = np.array(self.spacing), np.array(self.size)
+        center_lps = np.array(self.origin) + direction @ ((size - 1) / 2.0 * spacing)
+        return ROI(RAS_TO_LPS @ center_lps, size * spacing, RAS_TO_LPS @ direction)
+
     def to_dict(self) -> dict:
         return {
             "origin_lps": [float(v) for v in self.origin],
@@ -98,8 +105,13 @@ def make_roi_grid(
     cell: int = 64,
     slice_spacing: float | None = None,
     snap_to_slices: bool = True,
+    pixel_mm: tuple[float, float] | None = None,
 ) -> RoiGrid:
     """The sampling grid for ``roi``: ``cell`` × ``cell`` across the ROI, slices at the reference spacing.
+
+    With ``pixel_mm`` = (along patient left, along posterior) the in-plane pixels have that fixed physical
+    size instead, centred on the ROI: a 10 mm duct is then the same number of pixels in every case, and the
+    field (``cell`` × pixel) may cut a large ROI's margins or show tissue around a small one.
 
     When the ROI's S axis is parallel to one of the reference's voxel axes and ``snap_to_slices`` is set,
     grid slices are placed exactly on the reference's slices, so thick slices are never interpolated.
@@ -110,7 +122,10 @@ def make_roi_grid(
     ref_spacing, ref_axis = slice_spacing_along(reference, z_lps)
     dz = float(slice_spacing) if slice_spacing else ref_spacing
     n_slices = max(1, int(math.floor(sizes[2] / dz + 1e-6)))
-    spacing = np.array([sizes[0] / cell, sizes[1] / cell, dz])
+    if pixel_mm is None:
+        spacing = np.array([sizes[0] / cell, sizes[1] / cell, dz])
+    else:
+        spacing = np.array([float(pixel_mm[0]), float(pixel_mm[1]), dz])
     size = np.array([cell, cell, n_slices])
     center = roi.center_lps.copy()
 

@@ -188,7 +188,8 @@ def filtered_on_grid(image: sitk.Image, roi: ROI, grid: RoiGrid, cfg: Preprocess
             f"the {name.upper()} volume covers only {100 * inside:.0f}% of the ROI; "
             f"at least {100 * cfg.min_coverage:.0f}% is needed (does {name.upper()} show the same region as the ROI?)"
         )
-    crop = crop_to_roi(image, roi, cfg.margin_mm, name=name.upper())
+    # A fixed pixel size may sample beyond the ROI: crop around what the grid covers.
+    crop = crop_to_roi(image, roi if cfg.pixel_mm is None else grid.field_roi(), cfg.margin_mm, name=name.upper())
     timing[f"{name}_crop"] = time.perf_counter() - t
     t = time.perf_counter()
     source = antialias(crop, grid) if cfg.antialias else crop
@@ -248,7 +249,8 @@ def prepare_case(
     timing: dict[str, float] = {}
     covered: dict[str, float] = {}
     t = time.perf_counter()
-    grid = make_roi_grid(roi, volumes[ref_name], cell=cfg.cell, slice_spacing=cfg.slice_spacing)
+    grid = make_roi_grid(roi, volumes[ref_name], cell=cfg.cell, slice_spacing=cfg.slice_spacing,
+                         pixel_mm=cfg.pixel_mm)
     crop_to_roi(volumes[ref_name], roi, 0.0, name=ref_name.upper())  # intersection check, clear message
     timing["grid"] = time.perf_counter() - t
 
