@@ -390,6 +390,15 @@ def test_gradcam_equals_monai_gradcam(square_cnn):
     assert all(p.grad is None for p in square_cnn.parameters())  # autograd.grad leaves no .grad behind
 
 
+def test_gradcam_smallcnn_target_equals_monai():
+    torch.manual_seed(2)
+    model = build_model(dict(arch="smallcnn")).eval()
+    x = torch.rand(2, 2, 192, 192)
+    logits, maps = explain(model, x, class_idx=[1, 2])
+    torch.testing.assert_close(maps, _monai_gradcam(model, x, GRADCAM_TARGET_LAYERS["smallcnn"], [1, 2]),
+                               rtol=1e-4, atol=1e-5)
+
+
 def test_gradcam_alexnet_inplace_relu_target_equals_monai():
     torch.manual_seed(1)
     model = build_model(dict(arch="alexnet")).eval()

@@ -119,6 +119,7 @@ ZOO = [
     pytest.param(dict(arch="efficientnet_b5"), id="efficientnet_b5", marks=pytest.mark.slow),
     pytest.param(dict(arch="mobilenetv2_100"), id="mobilenetv2_100"),
     pytest.param(dict(arch="alexnet"), id="alexnet"),
+    pytest.param(dict(arch="smallcnn"), id="smallcnn"),
     pytest.param(dict(TINY, modalities=["t2"]), id="vit_tiny_t2_only"),
     pytest.param(dict(arch="resnet18", modalities=["t1"]), id="resnet18_t1_only"),
 ]

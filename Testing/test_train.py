@@ -201,6 +201,18 @@ def test_cache_hits_misses_keys_and_corruption(cases, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ samples
+def test_window_reach_keeps_training_windows_near_the_centre():
+    import numpy as np
+
+    from ipmn.windows import case_starts
+
+    arrays = [np.zeros((2, n, 4, 4), np.float32) for n in (9, 14, 25)]
+    assert case_starts(arrays, 9, 1) == [[0], list(range(6)), list(range(17))]
+    # central starts: 0, 2, 8 -> within 2 slices of them
+    assert case_starts(arrays, 9, 1, reach=2) == [[0], [0, 1, 2, 3, 4], [6, 7, 8, 9, 10]]
+    assert case_starts(arrays, 9, 4, reach=0) == [[0], [2], [8]]  # the central window even off-stride
+
+
 def test_epoch_plan_is_a_function_of_seed_and_epoch():
     from ipmn.windows import epoch_plan
 
@@ -658,3 +670,71 @@ def test_weight_decay_skips_every_token_and_embedding(cfg):
     assert tokens and all(decay_of[id(names[n])] == 0.0 for n in tokens), tokens
     weights = [n for n, p in names.items() if p.ndim == 2 and n.endswith("weight")]
     assert weights and all(decay_of[id(names[n])] == 0.05 for n in weights)
+
+
+# ------------------------------------------------------------------------------------------------ distillation
+def test_distillation_teacher_is_trained_on_the_same_training_split(cases, cache_dir, tmp_path):
+    from ipmn.models import load_package
+    from ipmn.train import train_model
+
+    train, val = _split(cases)
+    cfg = tiny(cache_dir, epochs=1, teacher_arch="smallcnn", teacher_epochs=1)
+    summary = train_model(train, cfg, tmp_path / "work", val_cases=val, package_dir=tmp_path / "model")
+    teacher_dir = tmp_path / "work" / "teacher"
+    taught = json.loads((teacher_dir / "summary.json").read_text())
+    # the teacher saw exactly the student's training cases: no validation (or, in CV, test) case leaks in
+    assert taught["train_cases"] == summary["train_cases"] == [c.case_id for c in train]
+    assert taught["val_cases"] == [c.case_id for c in val]
+    teacher, tcfg = load_package(teacher_dir / "model")
+    student_cfg = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert tcfg["arch"] == "smallcnn" and type(teacher).__name__ == "SmallCNN"
+    assert tcfg["preprocess"] == student_cfg["preprocess"] and tcfg["k"] == student_cfg["k"]
+    # a resumed (finished) run neither retrains the teacher nor the student
+    stamp = (teacher_dir / "summary.json").stat().st_mtime_ns
+    again = train_model(train, cfg, tmp_path / "work", val_cases=val, package_dir=tmp_path / "model", resume=True)
+    assert again["fingerprint"] == summary["fingerprint"]
+    assert (teacher_dir / "summary.json").stat().st_mtime_ns == stamp
+
+
+class _Always(torch.nn.Module):
+    """A stand-in teacher that answers one class whatever it sees."""
+
+    def __init__(self, label: int):
+        super().__init__()
+        self.label = label
+
+    def forward(self, x):
+        out = torch.zeros(len(x), 3)
+        out[:, self.label] = 10.0
+        return out
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_distillation_loss_follows_the_teacher(cases, cache_dir, tmp_path, monkeypatch, alpha):
+    # Planted teacher: it always says "high risk". With distill_alpha 1 the student learns only from it and
+    # must end up saying "high" for (nearly) everything; with 0 the labels alone teach it (ablation).
+    from ipmn.models import load_package
+    from ipmn.train import Trainer, train_model
+    from ipmn.windows import predict_cases
+
+    def planted(self):
+        self.teacher = _Always(2)
+
+    monkeypatch.setattr(Trainer, "teach", planted)
+    train, val = _split(cases)
+    cfg = tiny(cache_dir, epochs=2, lr=2e-3, teacher_arch="smallcnn", distill_alpha=alpha, class_weights="none")
+    train_model(train, cfg, tmp_path / "work", package_dir=tmp_path / "model")
+    net, mcfg = load_package(tmp_path / "model")
+    from ipmn.config import resolve_config
+    from ipmn.windows import load_grids, prepare_arrays
+
+    rcfg = resolve_config(cfg)
+    grids = load_grids(train, rcfg)
+    arrays = prepare_arrays(train, grids, rcfg, None)
+    probs = predict_cases(net.eval(), [arrays[c.case_id] for c in train], mcfg["k"], "central", torch.device("cpu"),
+                          torch.autocast("cpu", enabled=False))
+    share_high = float(np.mean(np.asarray(probs).argmax(1) == 2))
+    if alpha == 1.0:
+        assert share_high >= 0.9, share_high
+    else:
+        assert share_high <= 0.75, share_high  # a third of the training cases are high risk

@@ -148,6 +148,19 @@ def _card(cohort_info: dict | None, n_train: int, mcfg: dict) -> str:
     return text
 
 
+def teacher_config(cfg: dict) -> dict:
+    """The resolved config of a run's distillation teacher: ``train.teacher_arch`` on the student's inputs
+    (modalities, k, cell, preprocessing, data), trained as the student is but for ``teacher_epochs``."""
+    m, t = cfg["model"], cfg["train"]
+    return resolve_config({
+        "model": {"arch": t["teacher_arch"], "pretrained": None, "modalities": m["modalities"], "k": m["k"],
+                  "cell": m["cell"], "num_classes": m["num_classes"], "class_names": m["class_names"]},
+        "preprocess": cfg["preprocess"], "data": cfg["data"], "cv": cfg["cv"],
+        "train": {**t, "teacher_arch": None, "epochs": t["teacher_epochs"] or t["epochs"],
+                  "save_dtype": "float32", "tensorboard": False},
+    })
+
+
 # ------------------------------------------------------------------------------------------------ entry point
 def train_model(cases, config, out_dir, val_cases=None, device="cpu", progress=None, resume=False, *,
                 package_dir=None, stop_epoch: int | None = None, grids: dict | None = None,
@@ -176,6 +189,7 @@ def train_model(cases, config, out_dir, val_cases=None, device="cpu", progress=N
             return done
         try:
             trainer.load_data(grids)
+            trainer.teach()
             trainer.build()
             if resume:
                 trainer.resume()
@@ -220,6 +234,7 @@ class Trainer:
         self.history: list[dict] = []
         self.best = {"epoch": None, "score": None, "metrics": None, "val_loss": None}
         self.start_epoch = 1
+        self.teacher = None  # the distillation teacher (:meth:`teach`)
 
     # -------------------------------------------------------------------------------- prepare
     def prepare(self, resume: bool, overwrite: bool) -> dict | None:
@@ -309,18 +324,37 @@ class Trainer:
         seed_everything(self.seed, t["deterministic"])
         if grids is None:
             grids = load_grids(cases + val_cases, self.cfg, self.progress)
+        self.grids = grids
         self.landmarks = landmarks_for(cases, grids, self.cfg)
         arrays_by_id = prepare_arrays(cases + val_cases, grids, self.cfg, self.landmarks)
         self.train_arrays = [arrays_by_id[c.case_id] for c in cases]
         self.train_labels = [c.label for c in cases]
         self.val_arrays = [arrays_by_id[c.case_id] for c in val_cases]
         self.val_y = np.array([c.label for c in val_cases], dtype=int)
-        self.starts = case_starts(self.train_arrays, self.mcfg["k"], t["window_stride"])
+        self.starts = case_starts(self.train_arrays, self.mcfg["k"], t["window_stride"], t["window_reach"])
         per_case = per_epoch_counts(self.starts, t["windows_per_case"])
         counts = np.bincount(np.repeat(self.train_labels, per_case), minlength=self.mcfg["num_classes"])
         self.weights = class_weight_vector(t["class_weights"], counts)
         self.n_items = int(sum(per_case))
         self.steps_per_epoch = math.ceil(math.ceil(self.n_items / self.world) / t["batch_size"])
+
+    def teach(self) -> None:
+        """Distillation (``train.teacher_arch``): train the CNN teacher on this run's own training split
+        (validation split and grids shared, so nested CV stays leak-free), in ``<run>/teacher``; a resumed
+        run reloads the finished teacher instead of training it again."""
+        self.teacher = None
+        if not self.tcfg["teacher_arch"]:
+            return
+        from ipmn.models import load_package
+
+        folder = self.out_dir / "teacher"
+        tcfg = teacher_config(self.cfg)
+        self.progress.stage("train", f"distillation: training the {tcfg['model']['arch']} teacher first "
+                            f"({tcfg['train']['epochs']} epochs, the same {len(self.cases)} training case(s))")
+        train_model(self.cases, tcfg, folder, self.val_cases, self.device_spec, self.progress, resume=True,
+                    grids=self.grids, cohort_info=self.cohort_info)
+        teacher, _ = load_package(folder / "model", device=self.dev)
+        self.teacher = teacher.eval().requires_grad_(False)
 
     # -------------------------------------------------------------------------------- model
     def build(self) -> None:
@@ -454,6 +488,11 @@ class Trainer:
         with self.amp_ctx:
             logits = self.model(x)
         loss = self.loss_fn(logits.float(), y)
+        if self.teacher is not None:  # DeiT hard-label distillation: also learn the teacher's decision
+            with torch.no_grad(), self.amp_ctx:
+                taught = self.teacher(x).argmax(dim=1)
+            alpha = float(self.tcfg["distill_alpha"])
+            loss = (1 - alpha) * loss + alpha * torch.nn.functional.cross_entropy(logits.float(), taught)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             if clip:

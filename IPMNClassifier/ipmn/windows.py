@@ -4,7 +4,7 @@
   standardised ``(C, S, cell, cell)`` arrays, with Nyúl landmarks from :func:`landmarks_for` (fitted on
   the training cases only).
 * :func:`epoch_plan` / :class:`WindowDataset` — every sliding window of ``k`` consecutive slices of every
-  training case (``train.window_stride``; ``train.windows_per_case`` caps how many per case and epoch,
+  training case (``train.window_stride``, ``train.window_reach``; ``train.windows_per_case`` caps how many per case and epoch,
   drawn afresh each epoch), shuffled, each with its augmentation (:mod:`ipmn.augment`) drawn from
   ``(seed, epoch)`` alone so that a resumed run sees the same samples.
 * :func:`predict_cases` — per-case class probabilities from the central window or all windows
@@ -81,10 +81,19 @@ class WindowDataset:
         return torch.from_numpy(np.ascontiguousarray(tile(window))), int(self.labels[ci])
 
 
-def case_starts(arrays: list, k: int, stride: int) -> list[list[int]]:
-    from ipmn.grid import window_starts
+def case_starts(arrays: list, k: int, stride: int, reach: int | None = None) -> list[list[int]]:
+    """Each case's training window starts: every ``stride``-th one, or only those within ``reach`` slices
+    of the central window (``train.window_reach``; the central window itself is always one of them)."""
+    from ipmn.grid import central_start, window_starts
 
-    return [window_starts(a.shape[1], k, stride) for a in arrays]
+    out = []
+    for a in arrays:
+        starts = window_starts(a.shape[1], k, stride)
+        if reach is not None and starts:
+            mid = central_start(a.shape[1], k)
+            starts = sorted({s for s in starts if abs(s - mid) <= reach} | {mid})
+        out.append(starts)
+    return out
 
 
 def per_epoch_counts(starts: list[list[int]], cap: int | None) -> list[int]:

@@ -1,4 +1,6 @@
-"""CNN baselines: timm DenseNet121 / ResNet18 / EfficientNet-B5 / MobileNetV2 and torchvision's AlexNet.
+"""CNN baselines: timm DenseNet121 / ResNet18 / EfficientNet-B5 / MobileNetV2, torchvision's AlexNet, and
+``smallcnn``, a ~0.1 M-parameter CNN with global max pooling that trains from scratch in minutes on a CPU
+(the distillation teacher of the demo ViT, ``train.teacher_arch``).
 
 All take one channel per modality (early fusion) and work at 192 px (any size, in fact: they end with
 global or adaptive pooling). Grad-CAM target layers (``GRADCAM_TARGET_LAYERS``) are the last
@@ -8,6 +10,7 @@ spatial feature map before global pooling, i.e. the usual Grad-CAM choice:
 * ``densenet121`` -> ``features.norm5`` (final BatchNorm+ReLU, 1024 x 6 x 6)
 * ``efficientnet_b5`` / ``mobilenetv2_100`` -> ``bn2`` (BatchNorm+SiLU/ReLU6 after ``conv_head``, 6 x 6)
 * ``alexnet`` -> ``features.11`` (the ReLU after conv5, before the last max-pool, 256 x 11 x 11)
+* ``smallcnn`` -> ``features.3`` (the last block, 64 x 24 x 24 at 192 px, stride 8)
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from torch import nn
 from ..errors import IPMNError
 from .vit import create_timm_model
 
-CNN_ARCHS = ("densenet121", "resnet18", "efficientnet_b5", "mobilenetv2_100", "alexnet")
+CNN_ARCHS = ("densenet121", "resnet18", "efficientnet_b5", "mobilenetv2_100", "alexnet", "smallcnn")
 
 GRADCAM_TARGET_LAYERS = {
     "resnet18": "layer4",
@@ -25,6 +28,7 @@ GRADCAM_TARGET_LAYERS = {
     "efficientnet_b5": "bn2",
     "mobilenetv2_100": "bn2",
     "alexnet": "features.11",
+    "smallcnn": "features.3",
 }
 
 
@@ -83,6 +87,38 @@ def _alexnet():
     return _ALEXNET
 
 
+class SmallCNN(nn.Module):
+    """Four blocks of two 3x3 convolutions (BatchNorm, ReLU), 2x2 max pooling between blocks, then global
+    *max* pooling and a linear layer: 16-32-64-64 channels, ~0.12 M parameters at 2 channels.
+
+    Global max pooling answers "is the pattern anywhere in the window", which suits a small finding (a
+    mural nodule is a few pixels of one cell); its receptive field (~44 px) spans most of a 64-px cell.
+    """
+
+    arch = "smallcnn"
+
+    def __init__(self, in_chans: int = 2, num_classes: int = 3, drop_rate: float = 0.0, width: int = 16):
+        super().__init__()
+        self.num_classes = int(num_classes)
+        chans = [in_chans, width, 2 * width, 4 * width, 4 * width]
+        blocks = []
+        for i in range(4):
+            layers = [] if i == 0 else [nn.MaxPool2d(2)]
+            for c_in in (chans[i], chans[i + 1]):
+                layers += [nn.Conv2d(c_in, chans[i + 1], 3, padding=1, bias=False), nn.BatchNorm2d(chans[i + 1]),
+                           nn.ReLU(inplace=True)]
+            blocks.append(nn.Sequential(*layers))
+        self.features = nn.Sequential(*blocks)
+        self.drop = nn.Dropout(float(drop_rate))
+        self.head = nn.Linear(chans[-1], self.num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        return self.head(self.drop(self.features(x).amax(dim=(2, 3))))
+
+
 def __getattr__(name):
     if name == "AlexNet":
         return _alexnet()
@@ -97,6 +133,10 @@ def build_cnn(cfg: dict) -> nn.Module:
         if cfg["pretrained"] not in (None, False, ""):
             raise IPMNError("no pretrained weights exist for the 2-channel alexnet; set pretrained to null")
         return _alexnet()(in_chans=in_chans, num_classes=cfg["num_classes"], drop_rate=cfg["drop_rate"])
+    if arch == "smallcnn":
+        if cfg["pretrained"] not in (None, False, ""):
+            raise IPMNError("no pretrained weights exist for smallcnn; set pretrained to null")
+        return SmallCNN(in_chans=in_chans, num_classes=cfg["num_classes"], drop_rate=cfg["drop_rate"])
     kwargs = dict(in_chans=in_chans, num_classes=cfg["num_classes"], drop_rate=cfg["drop_rate"])
     if cfg["drop_path_rate"]:
         kwargs["drop_path_rate"] = cfg["drop_path_rate"]
@@ -107,6 +147,8 @@ def cnn_arch_of(model: nn.Module) -> str | None:
     """The zoo name of a CNN built here (timm's ``pretrained_cfg['architecture']``), else None."""
     if _ALEXNET is not None and isinstance(model, _ALEXNET):
         return "alexnet"
+    if isinstance(model, SmallCNN):
+        return "smallcnn"
     cfg = getattr(model, "pretrained_cfg", None) or {}
     arch = cfg.get("architecture")
     return str(arch).split(".", 1)[0] if arch else None
