@@ -105,20 +105,23 @@ def _checkGeometry(volumeNode, source: DicomSource) -> None:
     """The node still has the series' grid: one slice per file, rows x columns, an origin on a source image."""
     import pydicom
 
+    def header(path):
+        try:
+            return pydicom.dcmread(str(path), stop_before_pixels=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file: the series cannot be referenced
+            raise IPMNError(f"cannot read the DICOM file {Path(path).name} of '{name}': {type(exc).__name__}") from exc
+
     name = volumeNode.GetName()
     image = volumeNode.GetImageData()
     dims = image.GetDimensions() if image is not None else (0, 0, 0)
-    first = pydicom.dcmread(str(source.files[0]), stop_before_pixels=True)
+    first = header(source.files[0])
     if dims[2] != len(source.files) or (dims[1], dims[0]) != (int(first.Rows), int(first.Columns)):
         raise IPMNError(f"'{name}' ({dims[0]}x{dims[1]}x{dims[2]}) is no longer its DICOM series' grid "
                         f"({int(first.Columns)}x{int(first.Rows)}x{len(source.files)}): was it cropped or resampled?")
     matrix = vtk.vtkMatrix4x4()
     volumeNode.GetIJKToRASMatrix(matrix)
     origin = np.array([matrix.GetElement(i, 3) for i in range(3)]) * np.array([-1.0, -1.0, 1.0])  # RAS -> LPS
-    positions = []
-    for path in (source.files[0], source.files[-1]):
-        header = first if path == source.files[0] else pydicom.dcmread(str(path), stop_before_pixels=True)
-        positions.append(np.array([float(v) for v in header.ImagePositionPatient]))
+    positions = [np.array([float(v) for v in ds.ImagePositionPatient]) for ds in (first, header(source.files[-1]))]
     if min(np.linalg.norm(origin - p) for p in positions) > POSITION_TOLERANCE_MM:
         raise IPMNError(f"'{name}' was moved from where its DICOM series lies (a hardened transform?): "
                         "DICOM out references the original images")
