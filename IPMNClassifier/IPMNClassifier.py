@@ -372,7 +372,8 @@ class IPMNClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._showStatus(_("ROI created at the slice view centre: drag its handles onto the pancreas."))
 
     def onSegmentationChanged(self, node) -> None:
-        """Preselect the pancreas among many segments (a TotalSegmentator result has about 100)."""
+        """Preselect the pancreas among many segments (a TotalSegmentator result has about 100), by the engine's
+        --mask-segment rule: its name or its terminology (SCT^15776009 Pancreas)."""
         segmentID = self.logic.pancreasSegmentID(node)
         if segmentID:
             self.ui.segmentSelector.setCurrentSegmentID(segmentID)
@@ -388,8 +389,8 @@ class IPMNClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._showStatus(str(exc), error=True)
                 return
             self._parameterNode.roi = roi
-            self._showStatus(_("ROI set to the segment's bounding box plus {m:.0f} mm.").format(
-                m=self._parameterNode.roiMarginMm))
+            self._showStatus(_("ROI set to the bounding box of segment '{name}' plus {m:.0f} mm.").format(
+                name=roi.GetAttribute("IPMN.segment") or "", m=self._parameterNode.roiMarginMm))
 
     # ------------------------------------------------------------------------------------- run
     def onApplyButton(self) -> None:
