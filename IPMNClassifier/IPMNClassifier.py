@@ -31,7 +31,7 @@ from slicer.util import VTKObservationMixin
 from ipmn import registry
 from ipmn.errors import IPMNError
 from ipmn.vocab import CLASS_TITLES
-from IPMNClassifierLib import dependencies, panel, sampledata
+from IPMNClassifierLib import dependencies, dicomout, panel, sampledata
 from IPMNClassifierLib import engine as eng
 from IPMNClassifierLib.logic import ClassifierLogic, PredictOptions
 from IPMNClassifierLib.slicecompose import resultLayers
@@ -118,6 +118,8 @@ class IPMNClassifierParameterNode:
     foldEnsemble: bool = True
     keepEngineLoaded: bool = True
     exactFp32: bool = False
+    writeDicom: bool = False
+    dicomOutDir: str = ""  # a plain string, bound by hand: an unset Path parameter shows "."
     heatmapOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     showAttentionLabels: bool = False
     resultTable: vtkMRMLTableNode
@@ -142,6 +144,7 @@ class IPMNClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer = None
         self.models = []
         self.startTime = time.monotonic()
+        self._dicomReason = (None, "")  # (T1 node ID and modification time, why DICOM out is unavailable)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -172,6 +175,7 @@ class IPMNClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.showTableButton.connect("clicked(bool)", self.onShowTable)
         self.ui.openGridButton.connect("clicked(bool)", self.onOpenGrid)
         self.ui.openResultFolderButton.connect("clicked(bool)", self.onOpenResultFolder)
+        self.ui.dicomOutPathLineEdit.connect("currentPathChanged(QString)", self.onDicomOutDirChanged)
         self._setResultButtonsEnabled(False)
 
         if tuple(int(v) for v in (slicer.app.majorVersion, slicer.app.minorVersion)) < MINIMUM_SLICER_VERSION:
@@ -240,6 +244,44 @@ class IPMNClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                        else _("Select {items}").format(items=", ".join(missing)))
         info = self._selectedModel()
         self.ui.ensembleCheckBox.enabled = bool(info and info.is_ensemble)
+        self._updateDicomOut()
+
+    # ------------------------------------------------------------------------------------- DICOM out
+    def _dicomOutReason(self) -> str:
+        """Why DICOM out is unavailable for the selected T1 ('' when it is available); cached per T1 state."""
+        t1 = self._parameterNode.t1Volume if self._parameterNode else None
+        key = (t1.GetID(), t1.GetMTime()) if t1 else None
+        if self._dicomReason[0] != key or key is None:
+            self._dicomReason = (key, dicomout.unavailableReason(t1))
+        return self._dicomReason[1]
+
+    def _updateDicomOut(self) -> None:
+        p = self._parameterNode
+        reason = self._dicomOutReason()
+        self.ui.dicomOutCheckBox.enabled = not reason
+        self.ui.dicomOutPathLineEdit.enabled = not reason and bool(p and p.writeDicom)
+        self.ui.dicomOutCheckBox.toolTip = (_("DICOM out is unavailable: {reason}").format(reason=reason) if reason
+                                            else _("Also write the attention levels as a DICOM SEG and the grade as "
+                                                   "a DICOM SR (TID 1500), referencing the T1 series."))
+        if p and self.ui.dicomOutPathLineEdit.currentPath != p.dicomOutDir:
+            self.ui.dicomOutPathLineEdit.currentPath = p.dicomOutDir
+
+    def onDicomOutDirChanged(self, path) -> None:
+        if self._parameterNode and self._parameterNode.dicomOutDir != path:
+            self._parameterNode.dicomOutDir = path
+
+    def _dicomOutDir(self) -> str:
+        """The DICOM out folder to request ('' for none); IPMNError when asked for but impossible."""
+        p = self._parameterNode
+        if not p.writeDicom:
+            return ""
+        reason = self._dicomOutReason()
+        if reason:
+            raise IPMNError(_("DICOM out: {reason}. Uncheck 'Write DICOM SEG + SR' or load T1 from DICOM.").format(
+                reason=reason))
+        if not p.dicomOutDir or p.dicomOutDir == ".":
+            raise IPMNError(_("DICOM out: choose the folder for the SEG and SR."))
+        return p.dicomOutDir
 
     # ------------------------------------------------------------------------------------- models
     def refreshModels(self) -> None:
@@ -330,7 +372,8 @@ class IPMNClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._showStatus(_("ROI created at the slice view centre: drag its handles onto the pancreas."))
 
     def onSegmentationChanged(self, node) -> None:
-        """Preselect the pancreas among many segments (a TotalSegmentator result has about 100)."""
+        """Preselect the pancreas among many segments (a TotalSegmentator result has about 100), by the engine's
+        --mask-segment rule: its name or its terminology (SCT^15776009 Pancreas)."""
         segmentID = self.logic.pancreasSegmentID(node)
         if segmentID:
             self.ui.segmentSelector.setCurrentSegmentID(segmentID)
@@ -346,8 +389,8 @@ class IPMNClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._showStatus(str(exc), error=True)
                 return
             self._parameterNode.roi = roi
-            self._showStatus(_("ROI set to the segment's bounding box plus {m:.0f} mm.").format(
-                m=self._parameterNode.roiMarginMm))
+            self._showStatus(_("ROI set to the bounding box of segment '{name}' plus {m:.0f} mm.").format(
+                name=roi.GetAttribute("IPMN.segment") or "", m=self._parameterNode.roiMarginMm))
 
     # ------------------------------------------------------------------------------------- run
     def onApplyButton(self) -> None:
@@ -378,6 +421,7 @@ class IPMNClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             tta=p.tta,
             precision="fp32" if p.exactFp32 else "auto",
             ensemble=[str(m) for m in info.ensemble_members] if p.foldEnsemble else [],
+            dicomOutDir=self._dicomOutDir(),
         )
         warning = eng.memory_warning(self.logic.memoryNeededGB(options))
         task = self.logic.prepare(p.t1Volume, p.t2Volume, p.roi, info, options)
@@ -429,7 +473,10 @@ class IPMNClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         slicer.util.setSliceViewerLayers(**resultLayers(p.t1Volume, result.heatmapNode, result.labelNode,
                                                         p.heatmapOpacity, p.showAttentionLabels, "keep-current"))
         self._showResultPanel(result)
-        self._showStatus(_("Done in {s:.1f} s.").format(s=time.monotonic() - self.startTime))
+        dicom = result.prediction.get("dicom") or {}
+        written = (" " + _("DICOM SEG + SR written to {folder}.").format(folder=dicom["folder"])
+                   if dicom.get("folder") else "")
+        self._showStatus(_("Done in {s:.1f} s.").format(s=time.monotonic() - self.startTime) + written)
 
     def _onFailed(self, error) -> None:
         if getattr(error, "cancelled", False):

@@ -98,7 +98,14 @@ FAKE_ENGINE = textwrap.dedent(r"""
         inside = np.all(np.abs(local) <= half + 1e-6, axis=1)
         return inside.reshape(size).transpose(2, 1, 0)  # (z, y, x)
 
-    def predict(t1, t2, roi, model, out, device="auto", windows="central", tta=False, ensemble=()):
+    def read(path):
+        if Path(path).is_dir():  # a DICOM series folder (DICOM out from Slicer)
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path)))
+            return reader.Execute()
+        return sitk.ReadImage(path)
+
+    def predict(t1, t2, roi, model, out, device="auto", windows="central", tta=False, ensemble=(), extra=None):
         if MODE == "user_error":
             print("ipmn: error: the ROI covers 3 slices; k=9 needs 9", file=sys.stderr, flush=True)
             return 2
@@ -114,8 +121,8 @@ FAKE_ENGINE = textwrap.dedent(r"""
             emit({"event": "stage", "stage": "spawned", "fraction": 0.1})
             time.sleep(120)
         emit({"event": "stage", "stage": "read", "fraction": 0.05})
-        image = sitk.ReadImage(t1)
-        sitk.ReadImage(t2)
+        image = read(t1)
+        read(t2)
         inside = roi_mask(image, roi)
         rng = np.random.default_rng(int(os.environ.get("FAKE_IPMN_SEED", "1")))
         heat = np.where(inside, rng.random(inside.shape), 0.0).astype(np.float32)
@@ -148,7 +155,7 @@ FAKE_ENGINE = textwrap.dedent(r"""
                 "outputs": {"attention": "attention.nii.gz", "attention_labels": "attention_labels.nii.gz",
                             "grid_png": "grid.png"},
                 "args": {"device": device, "tta": tta, "ensemble": list(ensemble), "pid": os.getpid(),
-                         "cuda_visible": os.environ.get("CUDA_VISIBLE_DEVICES")}}
+                         "cuda_visible": os.environ.get("CUDA_VISIBLE_DEVICES"), "t1": t1, **(extra or {})}}
         (out / "prediction.json").write_text(json.dumps(pred))
         return 0
 
@@ -177,7 +184,8 @@ FAKE_ENGINE = textwrap.dedent(r"""
                 os._exit(139)
             try:
                 code = predict(req["t1"], req["t2"], req["roi"], req["model"], req["out"], req.get("device"),
-                               req.get("windows"), req.get("tta"), req.get("ensemble") or ())
+                               req.get("windows"), req.get("tta"), req.get("ensemble") or (),
+                               {k: req[k] for k in ("t1_series", "dicom_out", "mask_segment") if k in req})
             except Exception as exc:
                 emit({"event": "error", "message": f"internal error: {exc}"})
                 continue
@@ -230,7 +238,9 @@ FAKE_ENGINE = textwrap.dedent(r"""
         if cmd == "predict":
             code = predict(arg(argv, "--t1"), arg(argv, "--t2"), arg(argv, "--roi"), arg(argv, "--model"),
                            arg(argv, "--out"), arg(argv, "--device", "auto"), arg(argv, "--windows", "central"),
-                           "--tta" in argv, many(argv, "--ensemble"))
+                           "--tta" in argv, many(argv, "--ensemble"),
+                           {k: arg(argv, f"--{k.replace('_', '-')}") for k in ("t1_series", "dicom_out")
+                            if f"--{k.replace('_', '-')}" in argv})
             if code == 0:
                 emit({"event": "done", "out": arg(argv, "--out")})
             return code

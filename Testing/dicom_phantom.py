@@ -56,6 +56,9 @@ def write_dicom_series(image: sitk.Image, folder, description: str, study_uid: s
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
         ds.PixelData = np.ascontiguousarray(array[k]).tobytes()
         path = folder / f"{prefix}{k:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
+        try:
+            ds.save_as(path, enforce_file_format=True)  # pydicom 3
+        except TypeError:  # pydicom 2 (Slicer's): the same file, older keyword
+            ds.save_as(path, write_like_original=False)
         files.append(path)
     return {"series_uid": series_uid, "study_uid": study_uid, "files": files}

@@ -167,3 +167,21 @@ def test_cohort_series_columns_reach_the_cache(study, tmp_path):
     assert cache._build(chosen).data.shape[0] == 2
     with pytest.raises(IPMNError, match="choose one with --t1-series"):
         cache._build(unchosen)
+
+
+def test_worker_takes_the_dicom_keys_slicer_sends(study, tmp_path):
+    """The request of IPMNClassifierLib (t1 = a series folder, t1_series, dicom_out) through ``ipmn worker``."""
+    import highdicom as hd
+
+    request = {"cmd": "predict", "t1": str(study["folder"]), "t1_series": study["t1"]["series_uid"],
+               "t2": str(study["nii"]["t2"]), "roi": str(study["nii"]["roi"]), "model": str(study["model"]),
+               "out": str(tmp_path / "out"), "device": "cpu", "dicom_out": str(tmp_path / "dicom")}
+    proc = run_cli("worker", input=json.dumps(request) + "\n" + json.dumps({"cmd": "quit"}) + "\n")
+    assert proc.returncode == 0, proc.stderr
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    done = [e for e in events if e["event"] in ("done", "error")]
+    assert [e["event"] for e in done] == ["done"], done
+    assert done[0]["prediction"]["dicom"] == {"folder": str(tmp_path / "dicom"), "seg": "attention_seg.dcm",
+                                              "sr": "grade_sr.dcm"}
+    seg = hd.seg.segread(tmp_path / "dicom" / "attention_seg.dcm")
+    assert seg.StudyInstanceUID == study["t1"]["study_uid"] and seg.number_of_segments == 3

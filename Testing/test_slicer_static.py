@@ -293,7 +293,8 @@ def test_gui_process_never_imports_heavy_packages():
                     assert n in GUI_ENGINE_MODULES, f"{path.name} imports {n}"
 
 
-GUI_ENGINE_MODULES = ("ipmn.errors", "ipmn.registry", "ipmn.cohort", "ipmn.vocab")
+GUI_ENGINE_MODULES = ("ipmn.errors", "ipmn.registry", "ipmn.cohort", "ipmn.vocab", "ipmn.dicom_compat",
+                      "ipmn.segments")
 
 
 def test_engine_modules_the_gui_imports_stay_light():

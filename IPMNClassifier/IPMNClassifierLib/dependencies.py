@@ -7,7 +7,9 @@
   ``slicer.packaging.pip_ensure`` on Slicer >= 5.12, ``slicer.util.pip_install`` before.
 * numpy, SimpleITK and pydicom are Slicer's own: they are pinned to the installed versions with a constraints
   file, so a dependency can never replace them (a PyPI SimpleITK breaks Slicer's ITK IO; a newer pydicom
-  can break Slicer's DICOM plugins: pip picks the highdicom release that fits Slicer's pydicom instead).
+  can break Slicer's DICOM plugins). highdicom's requirement is fitted to the pydicom found
+  (:func:`adaptRequirements`): 0.22.x for Slicer 5.10's pydicom 2.4, >= 0.25 with pydicom 3 (Slicer 5.12
+  ships highdicom 0.27 itself, which then satisfies it and is left alone).
 * One confirmation dialog lists everything; a restart is offered when an already imported package changed.
 
 Functions that only check (``missingRequirements``, ``torchMissing``) are pure Python and tested here; the
@@ -86,6 +88,28 @@ def requirementSatisfied(text: str) -> bool:
     if specifier is None:
         return True
     return specifier.contains(version, prereleases=True)
+
+
+def adaptRequirements(requirements, pydicomVersion: str | None = None) -> list:
+    """The requirements with highdicom's line replaced by the release that works with this pydicom.
+
+    ``pydicomVersion`` None: the installed one (Slicer's; never replaced). No highdicom fits (pydicom < 2.3
+    or 2.4.0): highdicom is left out, and only ``--dicom-out`` is unavailable.
+    """
+    from ipmn.dicom_compat import highdicom_requirement
+
+    if pydicomVersion is None:
+        pydicomVersion = _installedVersion("pydicom")
+    adapted = []
+    for line in requirements:
+        if _splitRequirement(line)[0].lower() == "highdicom":
+            fitting = highdicom_requirement(pydicomVersion)
+            if fitting is None:
+                logging.info(f"IPMN: no highdicom release works with pydicom {pydicomVersion}: DICOM out unavailable")
+                continue
+            line = fitting
+        adapted.append(line)
+    return adapted
 
 
 def missingRequirements(requirements) -> list:
@@ -175,7 +199,7 @@ def ensureDependencies(requirementsPath, requester: str = "IPMN") -> None:
     """Install what is missing, after one confirmation. Raises IPMNError when the user declines or it fails."""
     import slicer
 
-    requirements = readRequirements(requirementsPath)
+    requirements = adaptRequirements(readRequirements(requirementsPath))
     missing = missingRequirements(requirements)
     needTorch = torchMissing()
     if not missing and not needTorch:

@@ -25,6 +25,7 @@ from ipmn.errors import IPMNError
 from ipmn.vocab import (
     CONFIG_FILE,
 )
+from IPMNClassifierLib import dicomout
 from IPMNClassifierLib import engine as eng
 from IPMNClassifierLib.results import PredictResult, ResultLoader, asciiTempPath
 from IPMNClassifierLib.roitools import RoiTools, _boxesOverlap, _transformID, roiSliceCount
@@ -42,6 +43,8 @@ class PredictOptions:
     # Fold ensemble: ALL model folders to average (the main one included); the engine then uses these
     # instead of --model. Empty: the single model.
     ensemble: list = field(default_factory=list)
+    # DICOM out: a folder for the SEG + SR (T1 must come from the DICOM database); "" = none
+    dicomOutDir: str = ""
 
 
 @dataclass
@@ -60,6 +63,8 @@ class PredictTask:
     t2NodeID: str
     roiNodeID: str
     modelName: str = ""
+    t1Series: str = ""  # with DICOM out: T1 is the staged DICOM series (t1Path a folder) with this UID
+    dicomOut: Path | None = None
     started: float = field(default_factory=time.monotonic)
 
     def predictArgs(self) -> list:
@@ -71,43 +76,23 @@ class PredictTask:
             args.append("--tta")
         if self.options.ensemble:
             args += ["--ensemble", *[str(p) for p in self.options.ensemble]]
+        if self.t1Series:
+            args += ["--t1-series", self.t1Series]
+        if self.dicomOut is not None:
+            args += ["--dicom-out", str(self.dicomOut)]
         return args + ["--progress", "jsonl"]
 
     def workerRequest(self) -> dict:
         """The same request for ``ipmn worker`` (``cmd`` is added by the worker client)."""
-        return {"t1": str(self.t1Path), "t2": str(self.t2Path), "roi": str(self.roiPath), "model": str(self.model),
-                "out": str(self.outDir), "device": self.options.device, "windows": self.options.windows,
-                "tta": bool(self.options.tta), "ensemble": [str(p) for p in self.options.ensemble],
-                "precision": self.options.precision}
-
-
-
-
-# ------------------------------------------------------------------------------------------- helpers
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
+        request = {"t1": str(self.t1Path), "t2": str(self.t2Path), "roi": str(self.roiPath), "model": str(self.model),
+                   "out": str(self.outDir), "device": self.options.device, "windows": self.options.windows,
+                   "tta": bool(self.options.tta), "ensemble": [str(p) for p in self.options.ensemble],
+                   "precision": self.options.precision}
+        if self.t1Series:
+            request["t1_series"] = self.t1Series
+        if self.dicomOut is not None:  # only for a T1 from DICOM (see prepare)
+            request["dicom_out"] = str(self.dicomOut)
+        return request
 
 
 # ------------------------------------------------------------------------------------------- sample data
@@ -176,6 +161,7 @@ class ClassifierLogic(RoiTools, ResultLoader):
         self.modelsDir = None  # None: registry.user_models_dir()
         self.keepWorkDirs = False  # for debugging: leave the temporary inputs/outputs in place
         self.worker: eng.EngineWorker | None = None
+        self.fileForInstance = None  # DICOM SOPInstanceUID -> file; None: slicer.dicomDatabase.fileForInstance
 
     @property
     def scene(self):
@@ -289,7 +275,11 @@ class ClassifierLogic(RoiTools, ResultLoader):
         return Path(path)
 
     def prepare(self, t1, t2, roi, model, options: PredictOptions | None = None) -> PredictTask:
-        """Check inputs, write them to a new temporary folder; returns the task (raises IPMNError)."""
+        """Check inputs, write them to a new temporary folder; returns the task (raises IPMNError).
+
+        With ``options.dicomOutDir``, T1 must come from the DICOM database (:mod:`IPMNClassifierLib.dicomout`
+        says why not): its series is staged for the engine, which then also writes the SEG + SR.
+        """
         options = options or PredictOptions()
         info = model if isinstance(model, registry.ModelInfo) else None
         modelDir = Path(info.primary if info else model) if (info or model) else None
@@ -302,9 +292,12 @@ class ClassifierLogic(RoiTools, ResultLoader):
             raise IPMNError(" ".join(problems))
         root = Path(self.workRoot or self._defaultWorkRoot()).absolute()  # the engine runs in another folder
         root.mkdir(parents=True, exist_ok=True)
+        source = dicomout.dicomSource(t1, self.fileForInstance) if options.dicomOutDir else None
         workDir = Path(tempfile.mkdtemp(prefix="IPMN-", dir=root))
         try:
-            t1Path = self.writeVolume(t1, workDir / "t1.nrrd")
+            # DICOM out: the engine reads T1 from its own series (the SEG lies on those frames)
+            t1Path = (dicomout.stageSeries(source, workDir) if source is not None
+                      else self.writeVolume(t1, workDir / "t1.nrrd"))
             t2Path = self.writeVolume(t2, workDir / "t2.nrrd")
             roiPath = self.writeRoi(roi, workDir / "roi.mrk.json")
         except Exception:
@@ -313,7 +306,9 @@ class ClassifierLogic(RoiTools, ResultLoader):
         outDir = workDir / "out"
         return PredictTask(key=self.inputKey(t1, t2, roi), workDir=workDir, t1Path=t1Path, t2Path=t2Path,
                            roiPath=roiPath, outDir=outDir, model=modelDir, options=options, t1NodeID=t1.GetID(),
-                           t2NodeID=t2.GetID(), roiNodeID=roi.GetID(), modelName=info.name if info else modelDir.name)
+                           t2NodeID=t2.GetID(), roiNodeID=roi.GetID(), modelName=info.name if info else modelDir.name,
+                           t1Series=source.seriesUID if source is not None else "",
+                           dicomOut=dicomout.outputFolder(options.dicomOutDir, t1) if source is not None else None)
 
     def cleanup(self, task: PredictTask | None) -> None:
         if task is not None and not self.keepWorkDirs:

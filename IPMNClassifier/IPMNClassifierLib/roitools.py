@@ -14,8 +14,43 @@ import slicer
 import vtk
 
 from ipmn.errors import IPMNError
+from ipmn.segments import pick_segment
 
 DEFAULT_ROI_SIZE_MM = (100.0, 70.0, 60.0)  # R-L, A-P, S-I: a pancreas with some margin, >= 9 slices of 6 mm
+SEGMENT_ATTRIBUTE = "IPMN.segment"  # on an ROI made from a segment: that segment's name
+_TERMINOLOGY_FIELDS = ("contextName", "category", "type", "typeModifier", "anatomicContextName", "anatomicRegion",
+                       "anatomicRegionModifier")
+
+
+def _terminology(segment) -> dict:
+    """A segment's terminology entry (Slicer's ``TerminologyEntry`` tag, ``~``-separated, codes as
+    ``scheme^value^meaning``) in slicerio's layout: {"type": [scheme, value, meaning], ...}."""
+    text = ""
+    if hasattr(segment, "GetTerminology"):  # Slicer >= 5.8
+        text = segment.GetTerminology() or ""
+    if not text:
+        tag = vtk.reference("") if hasattr(vtk, "reference") else None
+        if tag is not None and segment.GetTag("TerminologyEntry", tag):
+            text = str(tag)
+    entry = {}
+    for key, field in zip(_TERMINOLOGY_FIELDS, text.split("~"), strict=False):
+        parts = field.split("^")
+        if key.endswith("Name"):
+            entry[key] = field
+        elif len(parts) == 3 and any(parts):
+            entry[key] = parts
+    return entry
+
+
+def segmentRecords(segmentationNode) -> list[dict]:
+    """The node's segments as the engine describes a ``.seg.nrrd``'s (id, name, terminology)."""
+    segmentation = segmentationNode.GetSegmentation()
+    records = []
+    for i in range(segmentation.GetNumberOfSegments()):
+        segmentID = segmentation.GetNthSegmentID(i)
+        segment = segmentation.GetSegment(segmentID)
+        records.append({"id": segmentID, "name": segment.GetName() or segmentID, "terminology": _terminology(segment)})
+    return records
 
 
 def _matrix(node) -> np.ndarray:
@@ -141,23 +176,38 @@ class RoiTools:
                          points[:, 2].min(), points[:, 2].max()])
 
     @staticmethod
+    def segmentID(segmentationNode, choice: str) -> str:
+        """The ID of the segment ``choice`` names: its ID, or (the engine's ``--mask-segment`` rule) its name
+        (any case), terminology meaning or code (``Pancreas``, ``SCT^15776009``); IPMNError listing them."""
+        if segmentationNode is None or not choice:
+            raise IPMNError("select a segmentation and a segment (e.g. the pancreas)")
+        if segmentationNode.GetSegmentation().GetSegment(choice) is not None:
+            return choice
+        where = f"'{segmentationNode.GetName()}'"
+        return pick_segment(segmentRecords(segmentationNode), choice, where)["id"]
+
+    @staticmethod
     def pancreasSegmentID(segmentationNode) -> str:
-        """The segment to offer for 'ROI from segmentation': one named pancreas (TotalSegmentator's name),
-        else the first segment ('' when there is none)."""
+        """The segment to offer for 'ROI from segmentation': the pancreas by the engine's rule (name or
+        terminology), else one whose name contains pancreas (not the duct), else the first ('' when none)."""
         if segmentationNode is None:
             return ""
-        segmentation = segmentationNode.GetSegmentation()
-        ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
-        names = {i: (segmentation.GetSegment(i).GetName() or "").strip().lower() for i in ids}
-        for wanted in (lambda n: n == "pancreas", lambda n: "pancreas" in n and "duct" not in n):
-            match = next((i for i in ids if wanted(names[i])), None)
-            if match:
-                return match
-        return ids[0] if ids else ""
+        records = segmentRecords(segmentationNode)
+        try:
+            return pick_segment(records, "pancreas", "")["id"]
+        except IPMNError:
+            pass
+        match = next((r["id"] for r in records if "pancreas" in r["name"].lower() and "duct" not in r["name"].lower()),
+                     None)
+        return match or (records[0]["id"] if records else "")
 
-    def roiFromSegment(self, segmentationNode, segmentID: str, marginMm: float = 10.0, roiNode=None,
+    def roiFromSegment(self, segmentationNode, segment: str, marginMm: float = 10.0, roiNode=None,
                        referenceVolume=None, name: str = "IPMN ROI"):
-        """An ROI = the segment's bounding box plus ``marginMm`` on every side (axis-aligned in RAS)."""
+        """An ROI = the segment's bounding box plus ``marginMm`` on every side (axis-aligned in RAS).
+
+        ``segment``: its ID, name or terminology (:meth:`segmentID`); the ROI records the segment's name.
+        """
+        segmentID = self.segmentID(segmentationNode, segment)
         bounds = self.segmentBoundsRAS(segmentationNode, segmentID)
         center = [(bounds[2 * i] + bounds[2 * i + 1]) / 2.0 for i in range(3)]
         size = [bounds[2 * i + 1] - bounds[2 * i] + 2.0 * float(marginMm) for i in range(3)]
@@ -169,5 +219,7 @@ class RoiTools:
             lo, hi = local.min(axis=0), local.max(axis=0)
             center = _transformPoints([(lo + hi) / 2.0], transformNode, None)[0]
             size = list(hi - lo + 2.0 * float(marginMm))
-        return self.createRoi(center=center, size=size, referenceVolume=referenceVolume, name=name, roiNode=roiNode)
+        roi = self.createRoi(center=center, size=size, referenceVolume=referenceVolume, name=name, roiNode=roiNode)
+        roi.SetAttribute(SEGMENT_ATTRIBUTE, segmentationNode.GetSegmentation().GetSegment(segmentID).GetName())
+        return roi
 

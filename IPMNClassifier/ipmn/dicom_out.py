@@ -9,26 +9,26 @@
   references the SEG's widest segment and the T1 series, holding the grade (coded), the class
   probabilities and the normalised entropy, and the model's name and version as algorithm identification.
 
-highdicom builds and checks both instances. The patient and study modules come from the source series
-(as DICOM requires); every instance, series and the SEG's frame of content get new UIDs; nothing else of
-the source is copied. Codes not in DICOM's or SNOMED's vocabularies use the private scheme ``99IPMN``.
+highdicom builds and checks both instances (with pydicom 3, or Slicer 5.10's pydicom 2: see
+:mod:`ipmn.dicom_compat`). The patient and study modules come from the source series (as DICOM
+requires); every instance, series and the SEG's frame of content get new UIDs; nothing else of the source
+is copied. Codes not in DICOM's or SNOMED's vocabularies use the private scheme ``99IPMN``.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
+from ipmn.dicom_compat import compatibility_problem, import_highdicom, installed_version, save_dataset
 from ipmn.errors import IPMNError
 
 SCHEME = "99IPMN"
 SEG_FILE = "attention_seg.dcm"
 SR_FILE = "grade_sr.dcm"
 MANUFACTURER = "IPMN open-source project"
-MIN_HIGHDICOM = (0, 25)  # the SEG/SR API used here, on pydicom 3
 
 
 def check_dicom_out(t1, modalities) -> None:
@@ -37,22 +37,9 @@ def check_dicom_out(t1, modalities) -> None:
         raise IPMNError("--dicom-out needs --t1 to be a DICOM series folder (the SEG and SR reference its images)")
     if "t1" not in modalities:
         raise IPMNError("--dicom-out needs a model that reads T1 (the SEG lies on the T1 series' frames)")
-    _check_highdicom()
-
-
-def _check_highdicom() -> None:
-    import importlib.metadata
-
-    try:
-        found = importlib.metadata.version("highdicom")
-    except importlib.metadata.PackageNotFoundError:
-        found = None
-    parts = tuple(int(p) for p in (found or "0.0").split(".")[:2] if p.isdigit())
-    if parts < MIN_HIGHDICOM:
-        raise IPMNError(
-            f"--dicom-out needs highdicom >= {'.'.join(map(str, MIN_HIGHDICOM))} (with pydicom >= 3); "
-            f"{'found ' + found if found else 'it is not installed'}"
-        )
+    problem = compatibility_problem(installed_version("pydicom"), installed_version("highdicom"))
+    if problem:
+        raise IPMNError(problem)
 
 
 def _code(value: str, meaning: str):
@@ -79,8 +66,9 @@ def _algorithm(result: dict) -> tuple[str, str]:
 
 def build_seg(sources: list, labels: sitk.Image, result: dict, levels):
     """A binary SEG on the source frames: segment n = voxels with attention label >= n (nested levels)."""
-    import highdicom as hd
     from pydicom.sr.codedict import codes
+
+    hd = import_highdicom()
 
     array = sitk.GetArrayFromImage(labels)  # (slices, rows, cols), slice order = source file order
     rows, cols = int(sources[0].Rows), int(sources[0].Columns)
@@ -132,8 +120,9 @@ def build_seg(sources: list, labels: sitk.Image, result: dict, levels):
 
 def build_sr(sources: list, seg, result: dict):
     """A Comprehensive SR (TID 1500) with grade, probabilities, uncertainty and the model's identity."""
-    import highdicom as hd
     from pydicom.sr.codedict import codes
+
+    hd = import_highdicom()
 
     from ipmn import __version__
 
@@ -199,7 +188,7 @@ def write_dicom_outputs(folder, t1_folder, series_uid, labels: sitk.Image, resul
         folder.mkdir(parents=True, exist_ok=True)
         for dataset, name in ((seg, SEG_FILE), (sr, SR_FILE)):
             with atomic_path(folder / name) as tmp:
-                dataset.save_as(os.fspath(tmp), enforce_file_format=True)
+                save_dataset(dataset, tmp)
     except OSError as exc:
         raise IPMNError(f"--dicom-out: cannot write {folder}: {exc.strerror or exc}") from exc
     return {"folder": str(folder), "seg": SEG_FILE, "sr": SR_FILE}

@@ -450,7 +450,8 @@ def summary_line(result: dict) -> str:
 # ------------------------------------------------------------------------------------------- worker
 _REQUEST_TYPES = {"cmd": str, "model": str, "ensemble": list, "t1": str, "t2": str, "roi": str, "mask": str,
                   "out": str, "windows": str, "stride": int, "margin": (int, float), "nonfinite": str, "tta": bool,
-                  "fidelity": bool, "pad": bool, "device": str, "precision": str}
+                  "fidelity": bool, "pad": bool, "device": str, "precision": str, "t1_series": str,
+                  "t2_series": str, "mask_segment": str, "dicom_out": str}
 
 
 def check_request(req) -> dict:

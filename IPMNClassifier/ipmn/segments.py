@@ -5,17 +5,21 @@ around all of them is not the pancreas ROI. A file with several segments therefo
 (``--mask-segment NAME``, cohort column ``mask_segment``): a segment name (case-insensitive), a
 terminology type or region meaning (``Pancreas``) or code (``SCT^15776009``). Without a choice the error
 lists the segments. Reading uses slicerio, which understands layers and terminology entries.
+
+:func:`pick_segment` is also the rule of Slicer's *ROI from segmentation* (``IPMNClassifierLib.roitools``), so
+this module stays light at import (numpy, SimpleITK and slicerio only inside :func:`segment_image`).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-
-import numpy as np
-import SimpleITK as sitk
+from typing import TYPE_CHECKING
 
 from ipmn.errors import IPMNError
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 
 def is_segmentation_file(path: str | os.PathLike) -> bool:
@@ -71,6 +75,8 @@ def pick_segment(segments: list[dict], choice: str | None, where: str) -> dict:
 
 def segment_image(path: str | os.PathLike, choice: str | None = None) -> sitk.Image:
     """A binary uint8 mask (physical geometry of the file) of one segment of a Slicer segmentation."""
+    import numpy as np
+    import SimpleITK as sitk
     import slicerio
 
     path = Path(path)
