@@ -1,5 +1,5 @@
 """CNN baselines: timm DenseNet121 / ResNet18 / EfficientNet-B5 / MobileNetV2, torchvision's AlexNet, and
-``smallcnn``, a ~0.1 M-parameter CNN with global max pooling that trains from scratch in minutes on a CPU
+``smallcnn``, a ~74 k-parameter CNN with global max pooling that trains from scratch in minutes on a CPU
 (the distillation teacher of the demo ViT, ``train.teacher_arch``).
 
 All take one channel per modality (early fusion) and work at 192 px (any size, in fact: they end with
@@ -89,7 +89,8 @@ def _alexnet():
 
 class SmallCNN(nn.Module):
     """Four blocks of two 3x3 convolutions (BatchNorm, ReLU), 2x2 max pooling between blocks, then global
-    *max* pooling and a linear layer: 16-32-64-64 channels, ~0.12 M parameters at 2 channels.
+    *max* pooling and a linear layer: 8-16-32-64 channels, ~74 k parameters at 2 channels (few channels
+    at full resolution: 14 training samples/s on 2 CPU cores, 2.2x the 16-32-64-64 plan).
 
     Global max pooling answers "is the pattern anywhere in the window", which suits a small finding (a
     mural nodule is a few pixels of one cell); its receptive field (~44 px) spans most of a 64-px cell.
@@ -97,10 +98,10 @@ class SmallCNN(nn.Module):
 
     arch = "smallcnn"
 
-    def __init__(self, in_chans: int = 2, num_classes: int = 3, drop_rate: float = 0.0, width: int = 16):
+    def __init__(self, in_chans: int = 2, num_classes: int = 3, drop_rate: float = 0.0, width: int = 8):
         super().__init__()
         self.num_classes = int(num_classes)
-        chans = [in_chans, width, 2 * width, 4 * width, 4 * width]
+        chans = [in_chans, width, 2 * width, 4 * width, 8 * width]
         blocks = []
         for i in range(4):
             layers = [] if i == 0 else [nn.MaxPool2d(2)]
