@@ -47,7 +47,7 @@ bench-gpu: venv
 ## Rebuild the shipped demo model (synthetic phantoms only; time on a shared 2-core CPU in README)
 DEMO_COHORT := build/demo-cohort
 demo-model: venv
-	$(BIN)/ipmn phantoms --n 300 --seed 5 --workers 2 --out $(DEMO_COHORT) --quiet
+	$(BIN)/ipmn phantoms --n 1200 --seed 21 --workers 2 --out $(DEMO_COHORT) --quiet
 	IPMN_CACHE_DIR=build/cache $(BIN)/ipmn train --cohort $(DEMO_COHORT)/cohort.csv --config demo \
 	  --out Resources/DemoModel --work-dir build/demo-train --device cpu --overwrite
 
