@@ -99,8 +99,11 @@ def lesion_cohort(out: Path, n_per_class: int, seed: int, labels=(1, 2), workers
     seeds = np.random.SeedSequence(seed).spawn(n_per_class * len(labels))
     jobs = [(out, f"ph{i:03d}", int(np.random.default_rng(ss).integers(0, 2**31)), labels[i % len(labels)])
             for i, ss in enumerate(seeds)]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        rows = list(pool.map(_lesion_case_row, jobs))
+    if workers == 1:
+        rows = list(map(_lesion_case_row, jobs))
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            rows = list(pool.map(_lesion_case_row, jobs))
     manifest = out / "cohort.csv"
     with open(manifest, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
@@ -116,3 +119,17 @@ def learning_cohort(tmp_path_factory) -> Path:
     from ipmn.phantoms import make_cohort
 
     return make_cohort(tmp_path_factory.mktemp("learning_train"), n=LEARN_TRAIN_N, seed=LEARN_TRAIN_SEED, workers=2)
+
+
+def cached_lesion_cohort(out: Path, n_per_class: int, seed: int, labels, cfg: dict) -> Path:
+    """:func:`lesion_cohort` on one core, then its cases preprocessed into ``cfg``'s grid cache: run in a
+    background process while the main process trains on one torch thread, so that both cores work."""
+    import SimpleITK as sitk
+
+    from ipmn.cohort import load_manifest
+    from ipmn.windows import load_grids
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    manifest = lesion_cohort(out, n_per_class, seed, labels, workers=1)
+    load_grids(load_manifest(manifest), cfg)
+    return manifest

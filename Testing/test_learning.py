@@ -8,17 +8,20 @@ held-out cases the AUC of a random ranking has a standard deviation of about 0.0
 0.7 is 2.7 of them above chance (p < 0.005).
 The preset is trained on 90 phantoms (30 per class, the session's ``learning_cohort``, which the nested
 CV learning test also uses) for 20 epochs (the shipped model: 300 phantoms, 10 epochs), on one torch
-thread (on a shared 2-core machine two threads are several times slower).
+thread (on a shared 2-core machine two threads are several times slower) while a second process renders
+and preprocesses the held-out phantoms.
 """
 
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
 
-from conftest import lesion_cohort
+from conftest import cached_lesion_cohort
 
 LEARN_TRAIN = {"epochs": 20}
 HELD_OUT_PER_CLASS = 30
@@ -38,12 +41,15 @@ def test_demo_recipe_ranks_high_above_low_on_held_out_phantoms(learning_cohort, 
 
     base = tmp_path_factory.mktemp("learning")
     train_cases = load_manifest(learning_cohort)
-    test_cases = load_manifest(lesion_cohort(base / "test", HELD_OUT_PER_CLASS, seed=32, labels=(1, 2)))
     raw = load_config("demo")
     raw["train"].update(LEARN_TRAIN)
     raw["data"] = {"cache_dir": str(base / "cache")}
     cfg = resolve_config(raw)
-    summary = train_model(train_cases, cfg, base / "run", device="cpu")
+    # the held-out phantoms are rendered and preprocessed on the second core while the first one trains
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        held_out = pool.submit(cached_lesion_cohort, base / "test", HELD_OUT_PER_CLASS, 32, (1, 2), cfg)
+        summary = train_model(train_cases, cfg, base / "run", device="cpu")
+        test_cases = load_manifest(held_out.result())
     model, _ = load_package(summary["package"])
     arrays = prepare_arrays(test_cases, load_grids(test_cases, cfg), cfg, None)
     logp = predict_cases(model.float(), [arrays[c.case_id] for c in test_cases], cfg["model"]["k"], "central",
