@@ -465,14 +465,16 @@ def test_learning_works_on_easy_phantoms(learning_cohort, tmp_path_factory):
     The 90 phantoms are the session's ``learning_cohort`` (rendered once; test_learning trains on them).
     With 90 test predictions an accuracy of 0.5 is 3.4 standard deviations of a chance classifier above
     1/3 (binomial, p < 0.001). A convolutional stem in front of 2 layers learns from 30-60 cases within
-    12 epochs; central windows for validation and testing keep it to a few minutes on one core."""
+    12 epochs; 32-px cells (96-px grids, 6 x 6 tokens) and central windows for validation and testing keep
+    it to a few minutes on one core."""
     from ipmn.cohort import load_cohort
     from ipmn.cv import run_cv
 
     base = tmp_path_factory.mktemp("learn")
     cases = load_cohort(learning_cohort)
     cfg = {
-        "model": {"arch": "vit_tiny_patch16_224", "stem": "conv", "depth": 2, "embed_dim": 96, "num_heads": 3},
+        "model": {"arch": "vit_tiny_patch16_224", "stem": "conv", "cell": 32, "depth": 2, "embed_dim": 96,
+                  "num_heads": 3},
         "preprocess": {"n4": False, "smoothing": "none", "standardize": "minmax"},
         "train": {
             "optimizer": "adamw",
