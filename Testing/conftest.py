@@ -68,3 +68,68 @@ def phantom_case(tmp_path_factory):
     out = tmp_path_factory.mktemp("case")
     paths = write_case(case, out, "case")
     return {"case": case, **{k: Path(v) for k, v in paths.items()}}
+
+
+# ------------------------------------------------------------------------------------------------ learning tests
+LEARN_TRAIN_N, LEARN_TRAIN_SEED = 90, 31
+
+
+def _lesion_case_row(job: tuple) -> dict:
+    """Render and write one phantom (runs in a worker process); its cohort.csv row."""
+    from ipmn.phantoms import make_case, write_case
+    from ipmn.vocab import CLASS_NAMES
+
+    out, case_id, case_seed, label = job
+    paths = write_case(make_case(case_seed, label), out / "cases", case_id)
+    return {"case_id": case_id, "label": CLASS_NAMES[label], "center": "A",
+            **{k: p.relative_to(out).as_posix() for k, p in paths.items()}}
+
+
+def lesion_cohort(out: Path, n_per_class: int, seed: int, labels=(1, 2), workers: int = 2) -> Path:
+    """Phantoms of the given classes only, ``n_per_class`` each (a held-out set that scores low vs high
+    needs no normal cases); each case's seed is drawn from ``seed`` as :func:`ipmn.phantoms.make_cohort`
+    draws them. Returns the manifest."""
+    import csv
+    from concurrent.futures import ProcessPoolExecutor
+
+    import numpy as np
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = np.random.SeedSequence(seed).spawn(n_per_class * len(labels))
+    jobs = [(out, f"ph{i:03d}", int(np.random.default_rng(ss).integers(0, 2**31)), labels[i % len(labels)])
+            for i, ss in enumerate(seeds)]
+    if workers == 1:
+        rows = list(map(_lesion_case_row, jobs))
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            rows = list(pool.map(_lesion_case_row, jobs))
+    manifest = out / "cohort.csv"
+    with open(manifest, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return manifest
+
+
+@pytest.fixture(scope="session")
+def learning_cohort(tmp_path_factory) -> Path:
+    """90 phantoms (30 per class, seed 31) rendered once per session: the training set of the slow learning
+    test (test_learning) and, a subset of it, the cohort of the nested-CV learning test (test_cv)."""
+    from ipmn.phantoms import make_cohort
+
+    return make_cohort(tmp_path_factory.mktemp("learning_train"), n=LEARN_TRAIN_N, seed=LEARN_TRAIN_SEED, workers=2)
+
+
+def cached_lesion_cohort(out: Path, n_per_class: int, seed: int, labels, cfg: dict) -> Path:
+    """:func:`lesion_cohort` on one core, then its cases preprocessed into ``cfg``'s grid cache: run in a
+    background process while the main process trains on one torch thread, so that both cores work."""
+    import SimpleITK as sitk
+
+    from ipmn.cohort import load_manifest
+    from ipmn.windows import load_grids
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    manifest = lesion_cohort(out, n_per_class, seed, labels, workers=1)
+    load_grids(load_manifest(manifest), cfg)
+    return manifest

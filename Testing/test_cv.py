@@ -458,42 +458,53 @@ def test_table_two_variants_share_splits(cases, grouped_manifest, tmp_path_facto
 
 
 @pytest.mark.slow
-def test_learning_works_on_easy_phantoms(tmp_path_factory):
-    """A small ViT reaches clearly-above-chance outer-fold accuracy on phantoms (chance = 1/3)."""
+def test_learning_works_on_easy_phantoms(learning_cohort, tmp_path_factory):
+    """A small ViT reaches clearly-above-chance outer-fold accuracy on 90 phantoms (chance = 1/3): nested
+    CV (3 outer x 2 inner folds, epoch chosen on the inner folds), every fold's localisation scored.
+
+    The 90 phantoms are the session's ``learning_cohort`` (rendered once; test_learning trains on them).
+    With 90 test predictions an accuracy of 0.5 is 3.4 standard deviations of a chance classifier above
+    1/3 (binomial, p < 0.001). A convolutional stem in front of 2 layers learns from 30-60 cases within
+    12 epochs; 32-px cells (96-px grids, 6 x 6 tokens) and central windows for validation and testing keep
+    it to a few minutes on one core."""
     from ipmn.cohort import load_cohort
     from ipmn.cv import run_cv
-    from ipmn.phantoms import make_cohort
 
     base = tmp_path_factory.mktemp("learn")
-    manifest = make_cohort(base / "cohort", n=45, seed=21)
+    cases = load_cohort(learning_cohort)
     cfg = {
-        "model": {"arch": "vit_tiny_patch16_224", "depth": 4, "embed_dim": 96, "num_heads": 3},
-        "preprocess": {"n4": False, "smoothing": "none"},
+        "model": {"arch": "vit_tiny_patch16_224", "stem": "conv", "cell": 32, "depth": 2, "embed_dim": 96,
+                  "num_heads": 3},
+        "preprocess": {"n4": False, "smoothing": "none", "standardize": "minmax"},
         "train": {
             "optimizer": "adamw",
             "lr": 1e-3,
             "weight_decay": 0.05,
             "batch_size": 8,
-            "epochs": 30,
-            "warmup_epochs": 3,
+            "epochs": 12,
+            "warmup_epochs": 2,
             "schedule": "cosine",
             "windows_per_case": 4,
             "grad_clip": 1.0,
-            "label_smoothing": 0.1,
+            "class_weights": "balanced",
             "select_metric": "loss",
-            "val_windows": "all",
+            "val_windows": "central",
             "seed": 0,
         },
         "cv": {"outer": 3, "inner": 2, "seed": 0, "examples": 1},
         "data": {"cache_dir": str(base / "cache")},
     }
-    out = run_cv(load_cohort(manifest), cfg, base / "run", cohort_info={"synthetic": True})
+    out = run_cv(cases, cfg, base / "run", cohort_info={"synthetic": True})
     metrics = json.loads((base / "run" / "metrics.json").read_text())
     acc = metrics["summary"]["accuracy"]
+    loc = metrics["models"][0]["localisation"]["overall"]
     print(
         f"\nlearning test: outer accuracy {acc['mean']:.3f} ± {acc['std']:.3f} (ddof=1), "
         f"balanced {metrics['summary']['balanced_accuracy']['mean']:.3f}, "
-        f"AUC {metrics['summary']['macro_auc']['mean']:.3f}"
+        f"AUC {metrics['summary']['macro_auc']['mean']:.3f}, "
+        f"pointing game {loc['pointing_hits']}/{loc['n']}"
     )
     assert out["complete"]
+    lesion_cases = sum(c.label > 0 for c in cases)
+    assert loc["n"] == lesion_cases  # every lesion-bearing outer test case was scored
     assert acc["mean"] >= 0.5  # chance is 1/3
