@@ -7,9 +7,9 @@ rest at chance level low/high and would pass a 3-class accuracy threshold. With 
 held-out cases the AUC of a random ranking has a standard deviation of about 0.075: the threshold of
 0.7 is 2.7 of them above chance (p < 0.005).
 The preset is trained on 90 phantoms (30 per class, the session's ``learning_cohort``, which the nested
-CV learning test also uses) for 20 epochs (the shipped model: 300 phantoms, 10 epochs), on one torch
-thread (on a shared 2-core machine two threads are several times slower) while a second process renders
-and preprocesses the held-out phantoms.
+CV learning test also uses) for 20 epochs after its teacher's 10 (the shipped model: 1080 phantoms, 16
+epochs), on one torch thread (on a shared 2-core machine two threads are several times slower) while a
+second process renders and preprocesses the held-out phantoms.
 """
 
 from __future__ import annotations
