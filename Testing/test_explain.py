@@ -390,23 +390,17 @@ def test_gradcam_equals_monai_gradcam(square_cnn):
     assert all(p.grad is None for p in square_cnn.parameters())  # autograd.grad leaves no .grad behind
 
 
-def test_gradcam_smallcnn_target_equals_monai():
-    torch.manual_seed(2)
-    model = build_model(dict(arch="smallcnn")).eval()
+@pytest.mark.parametrize(("arch", "seed", "classes"), [("alexnet", 1, [2, 0]), ("smallcnn", 2, [1, 2])])
+def test_gradcam_zoo_target_equals_monai(arch, seed, classes):
+    # alexnet: its target is an in-place ReLU; smallcnn: global max pooling after the target block
+    torch.manual_seed(seed)
+    model = build_model(dict(arch=arch)).eval()
     x = torch.rand(2, 2, 192, 192)
-    logits, maps = explain(model, x, class_idx=[1, 2])
-    torch.testing.assert_close(maps, _monai_gradcam(model, x, GRADCAM_TARGET_LAYERS["smallcnn"], [1, 2]),
+    logits, maps = explain(model, x, class_idx=classes)
+    torch.testing.assert_close(maps, _monai_gradcam(model, x, GRADCAM_TARGET_LAYERS[arch], classes),
                                rtol=1e-4, atol=1e-5)
-
-
-def test_gradcam_alexnet_inplace_relu_target_equals_monai():
-    torch.manual_seed(1)
-    model = build_model(dict(arch="alexnet")).eval()
-    x = torch.rand(2, 2, 192, 192)
-    logits, maps = explain(model, x, class_idx=[2, 0])
-    torch.testing.assert_close(maps, _monai_gradcam(model, x, GRADCAM_TARGET_LAYERS["alexnet"], [2, 0]),
-                               rtol=1e-4, atol=1e-5)
-    assert not model.features[11]._forward_hooks and float(maps.max()) == 1.0
+    target = dict(model.named_modules())[GRADCAM_TARGET_LAYERS[arch]]
+    assert not target._forward_hooks and float(maps.max()) == 1.0
 
 
 def test_deletion_curve_saliency_beats_random(square_cnn):

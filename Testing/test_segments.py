@@ -6,17 +6,12 @@ import json
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
+from organs_segmentation import write_organs
 
 from conftest import run_cli
 from ipmn.errors import IPMNError
 from ipmn.phantoms import make_case, write_case
 from ipmn.roi import load_roi, roi_from_mask, write_mrk_json
-
-
-def _terminology(code: str, meaning: str) -> str:
-    return (f"Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure"
-            f"~SCT^{code}^{meaning}~^^~~^^~^^")
 
 
 @pytest.fixture(scope="module")
@@ -25,28 +20,11 @@ def seg_case(tmp_path_factory):
 
     The liver and spleen blocks overlap the pancreas, so slicerio stores them in a second layer.
     """
-    import slicerio
-    from slicerio.segmentation import terminology_entry_from_string
-
     base = tmp_path_factory.mktemp("seg")
     case = make_case(3, 2, t1_shape=(96, 96, 30), t2_shape=(96, 96, 30), t1_orientation="LPS")
     paths = write_case(case, base, "c")
-    pancreas = sitk.GetArrayFromImage(case["mask"]).transpose(2, 1, 0) > 0  # (i, j, k)
-    liver = np.zeros_like(pancreas)
-    liver[5:40, 10:60, 2:25] = True
-    spleen = np.zeros_like(pancreas)
-    spleen[60:90, 50:80, 5:28] = True
-    mask = case["mask"]
-    ijk_to_lps = np.eye(4)
-    ijk_to_lps[:3, :3] = np.array(mask.GetDirection()).reshape(3, 3) * np.array(mask.GetSpacing())
-    ijk_to_lps[:3, 3] = mask.GetOrigin()
-    seg = slicerio.create_segmentation(pancreas.shape, ijk_to_lps)
-    for name, voxels, term in (("liver", liver, _terminology("10200004", "Liver")),
-                               ("pancreas", pancreas, _terminology("15776009", "Pancreas")),
-                               ("spleen", spleen, _terminology("78961009", "Spleen"))):
-        slicerio.add_segment(seg, voxels, {"name": name, "terminology": terminology_entry_from_string(term)})
     path = base / "organs.seg.nrrd"
-    slicerio.write_segmentation(str(path), seg)
+    seg = write_organs(path, case["mask"])
     return {"paths": paths, "seg": path, "case": case, "layers": seg["voxels"].ndim}
 
 

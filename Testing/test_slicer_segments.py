@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from conftest_slicer import CLASSIFIER_DIR, make_scene
+from organs_segmentation import write_organs
 
 slicer = pytest.importorskip("slicer")
 slicerio = pytest.importorskip("slicerio")
@@ -18,36 +19,17 @@ from IPMNClassifierLib.logic import ClassifierLogic  # noqa: E402
 from IPMNClassifierLib.roitools import SEGMENT_ATTRIBUTE  # noqa: E402
 
 
-def _terminology(code: str, meaning: str) -> str:
-    return (f"Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure"
-            f"~SCT^{code}^{meaning}~^^~~^^~^^")
-
-
 @pytest.fixture(scope="module")
 def organs(tmp_path_factory):
     """A .seg.nrrd with liver, the pancreas (named 'Segment_2', known only by its terminology) and spleen."""
-    from slicerio.segmentation import terminology_entry_from_string
-
     case = make_case(3, 2, t1_shape=(96, 96, 30), t2_shape=(96, 96, 30), t1_orientation="LPS")
     # axis-aligned voxels: the engine's box follows the mask's voxel axes, the panel's follows RAS (the same box
     # only when they coincide; an oblique segmentation gives the panel a larger, RAS-aligned box)
     mask = sitk.GetImageFromArray(sitk.GetArrayFromImage(case["mask"]))
     mask.SetSpacing(case["mask"].GetSpacing())
     mask.SetOrigin(case["mask"].GetOrigin())
-    pancreas = sitk.GetArrayFromImage(mask).transpose(2, 1, 0) > 0  # (i, j, k)
-    liver, spleen = np.zeros_like(pancreas), np.zeros_like(pancreas)
-    liver[5:40, 10:60, 2:25] = True  # overlaps the pancreas: a second layer
-    spleen[60:90, 50:80, 5:28] = True
-    ijk_to_lps = np.eye(4)
-    ijk_to_lps[:3, :3] = np.array(mask.GetDirection()).reshape(3, 3) * np.array(mask.GetSpacing())
-    ijk_to_lps[:3, 3] = mask.GetOrigin()
-    seg = slicerio.create_segmentation(pancreas.shape, ijk_to_lps)
-    for name, voxels, term in (("liver", liver, _terminology("10200004", "Liver")),
-                               ("Segment_2", pancreas, _terminology("15776009", "Pancreas")),
-                               ("spleen", spleen, _terminology("78961009", "Spleen"))):
-        slicerio.add_segment(seg, voxels, {"name": name, "terminology": terminology_entry_from_string(term)})
     path = tmp_path_factory.mktemp("organs") / "organs.seg.nrrd"
-    slicerio.write_segmentation(str(path), seg)
+    write_organs(path, mask, pancreas_name="Segment_2")
     return path
 
 
