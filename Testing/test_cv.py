@@ -457,6 +457,34 @@ def test_table_two_variants_share_splits(cases, grouped_manifest, tmp_path_facto
     assert "Table II layout" in (run / "report.html").read_text()
 
 
+
+def test_table_one_cnn_baselines_train_without_the_vits_teacher(cases, tmp_path_factory):
+    """A distilled ViT recipe (train.teacher_arch) vs a CNN on the same splits: the ViT's trainings each
+    train their own teacher; the CNN is a baseline and trains on the labels alone (no teacher folder)."""
+    from ipmn.cv import make_variants, run_cv, variant_config
+    from ipmn.runs import cv_identity
+
+    run = tmp_path_factory.mktemp("cv1") / "run"
+    cfg = tiny(tmp_path_factory, epochs=1, windows_per_case=1, teacher_arch="smallcnn", teacher_epochs=1)
+    cfg["cv"]["examples"] = 0
+    run_cv(cases, cfg, run, models=["vit_tiny_patch16_224", "smallcnn"], fold=0, make_report=False,
+           cohort_info={"synthetic": True})
+    vit, cnn = run / "vit_tiny_patch16_224" / "fold_0", run / "smallcnn" / "fold_0"
+    assert (vit / "final" / "teacher" / "model" / "config.json").exists()
+    assert any((d / "teacher").is_dir() for d in (vit / "inner").iterdir())
+    assert (cnn / "final").is_dir() and not (cnn / "final" / "teacher").exists()
+    assert not any((d / "teacher").exists() for d in (cnn / "inner").iterdir())
+    # the override is part of what the run is, and does not leak into the ViT variant
+    from ipmn.config import resolve_config
+
+    resolved = resolve_config(cfg)
+    v_vit, v_cnn = make_variants(resolved, models=["vit_tiny_patch16_224", "smallcnn"])
+    assert variant_config(resolved, v_vit)["train"]["teacher_arch"] == "smallcnn"
+    assert variant_config(resolved, v_cnn)["train"]["teacher_arch"] is None
+    plain = resolve_config(tiny(tmp_path_factory, epochs=1))
+    assert "train" not in make_variants(plain, models=["smallcnn"])[0]
+    assert cv_identity(resolved, [v_cnn], cases)["variants"][0]["train"] == {"teacher_arch": None, "teacher_epochs": None}
+
 @pytest.mark.slow
 def test_learning_works_on_easy_phantoms(learning_cohort, tmp_path_factory):
     """A small ViT reaches clearly-above-chance outer-fold accuracy on 90 phantoms (chance = 1/3): nested

@@ -39,26 +39,21 @@ from ipmn.errors import IPMNError
 from ipmn.io import write_json
 from ipmn.vocab import slug
 
-# ------------------------------------------------------------------------------------------------ splits
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 # ------------------------------------------------------------------------------------------------ variants
+def variant_config(cfg: dict, variant: dict) -> dict:
+    """The run's config with the variant's model (and train overrides, e.g. no teacher for a CNN)."""
+    vcfg = copy.deepcopy(cfg)
+    vcfg["model"] = variant["model"]
+    vcfg["train"].update(variant.get("train", {}))
+    return vcfg
+
+
 def make_variants(cfg: dict, models=None, modalities=None, fusions=None) -> list[dict]:
-    """The (arch, modalities, fusion) combinations to cross-validate on the same splits."""
+    """The (arch, modalities, fusion) combinations to cross-validate on the same splits.
+
+    Distillation (``train.teacher_arch``) is part of the ViT recipe: a CNN variant is a baseline and trains
+    on the labels alone (its ``train`` overrides say so), as the paper's CNNs do."""
     from ipmn.config import VIT_ONLY, normalize_config
     from ipmn.models import is_vit_arch
     from ipmn.vocab import modality_set, resolve_arch, slug
@@ -94,7 +89,10 @@ def make_variants(cfg: dict, models=None, modalities=None, fusions=None) -> list
                             m.pop(o, None)
                     if m.get("pretrained") not in (None, "hub"):
                         m["pretrained"] = None
-                out.append({"arch": arch, "modalities": list(mods), "fusion": f_eff, "model": normalize_config(m)})
+                v = {"arch": arch, "modalities": list(mods), "fusion": f_eff, "model": normalize_config(m)}
+                if not vit and cfg.get("train", {}).get("teacher_arch"):
+                    v["train"] = {"teacher_arch": None, "teacher_epochs": None}
+                out.append(v)
     several_inputs = len({(tuple(v["modalities"]), v["fusion"]) for v in out}) > 1
     for v in out:
         name = v["arch"]
@@ -112,11 +110,6 @@ def _variant_label(v: dict, inputs: bool, archs: bool) -> str:
         inp = mods + (f" {v['fusion']} fusion" if len(v["modalities"]) == 2 else "")
         text = f"{text} {inp}".strip()
     return text
-
-
-# ------------------------------------------------------------------------------------------------ run folder
-
-
 
 
 # ------------------------------------------------------------------------------------------------ one fold
@@ -209,8 +202,7 @@ def run_fold(run_dir: Path, variant: dict, cfg: dict, splits: dict, fold: int, c
     def usable(ids):
         return [cases_by_id[i] for i in ids if all(cases_by_id[i].has(m) for m in mods)]
 
-    vcfg = copy.deepcopy(cfg)
-    vcfg["model"] = variant["model"]
+    vcfg = variant_config(cfg, variant)
     cvc = cfg["cv"]
     lrs = list(cvc["lr_grid"]) if "lr" in cvc["select"] else [cfg["train"]["lr"]]
     fold_progress = progress.child(model=variant["name"], fold=fold)
@@ -374,8 +366,7 @@ def _run_variants(run_dir: Path, variants, cases, cfg: dict, splits: dict, folds
             progress.warn(f"{v['name']}: {skipped} case(s) lack {'/'.join(m.upper() for m in v['modalities'])} "
                           f"and are left out of this variant ({len(usable_cases)} used)")
         todo = [k for k in folds if not (run_dir / v["name"] / f"fold_{k}" / "result.json").exists()]
-        vcfg = copy.deepcopy(cfg)
-        vcfg["model"] = v["model"]
+        vcfg = variant_config(cfg, v)
         grids = load_grids(usable_cases, vcfg, progress) if todo else {}
         for k in folds:
             results[(v["name"], k)] = run_fold(run_dir, v, cfg, splits, k, cases_by_id, grids, device, progress,

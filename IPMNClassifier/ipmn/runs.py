@@ -191,7 +191,8 @@ def cv_identity(cfg: dict, variants: list, cases) -> dict:
     ident = {
         "config": fingerprinted_config(cfg, ("preprocess", "data"))
         | {"cv": {k: v for k, v in cfg["cv"].items() if k != "examples"}},
-        "variants": [{"name": v["name"], "model": v["model"]} for v in variants],
+        "variants": [{"name": v["name"], "model": v["model"], **({"train": v["train"]} if "train" in v else {})}
+                     for v in variants],
         "cases": [(c.case_id, int(c.label), c.patient_id, c.center) for c in cases],
     }
     return {"fingerprint": config_digest(ident), **ident}
