@@ -71,7 +71,8 @@ def load_manifest(path: str | os.PathLike, modalities=("t1", "t2"), require_labe
     """Read and validate a manifest; every problem is listed in one IPMNError.
 
     ``require_labels=False``: a manifest without a ``label`` column, or with every label empty, gives
-    cases with ``label = -1`` (unlabelled); a partly labelled manifest is still an error.
+    cases with ``label = -1`` (unlabelled); a partly labelled manifest is still an error. Just over 80
+    lines: every row's checks sit in one loop so that all problems are collected into one message.
     """
     path = Path(path)
     if not path.is_file():

@@ -24,6 +24,9 @@ nodule, 3 dilated main duct ≥ 5 mm; 0 elsewhere; all zero for normal cases), w
 that could leak the label outside the ROI — gain, field of view, matrix, ROI size, file names — is
 drawn independently of the label. These phantoms are far easier than real IPMN grading: never present their
 numbers as clinical results.
+
+Slightly over 500 lines on purpose: anatomy, rendering and acquisition share the tissue signals and
+label values above, so a change to the generator stays a change to this one file.
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ central window (paper) or all windows → model (optionally test-time flips/rota
 cell) → probabilities averaged over windows, TTA and models → Attention Rollout (ViT) or Grad-CAM (CNN)
 maps put back on their ROI slices and resampled into T1's geometry → a heat map in [0, 1] and a label
 map of the most-attended voxels. All files are written atomically.
+
+About 550 lines in one file on purpose: the Predictor and the worker protocol that keeps one alive
+(:func:`serve`) share the request checks and output rules; split, those rules would live twice.
 """
 
 from __future__ import annotations
@@ -137,7 +140,8 @@ class Predictor:
         the next case while the model runs on this one (``ipmn evaluate``). ``inputs``: ``(volumes, roi,
         notes)`` already read by :func:`ipmn.inputs.case_inputs` (the CLI checks the case before loading
         the model). ``series`` / ``segment``: see :meth:`prepare`. ``dicom_out``: also write a DICOM SEG +
-        SR there (:mod:`ipmn.dicom_out`).
+        SR there (:mod:`ipmn.dicom_out`). About 90 lines, 20 of them the signature: the body is the one-case
+        pipeline in order, each stage a call to a helper.
         """
         from ipmn.progress import Progress
 

@@ -32,8 +32,9 @@ Working files of a run live in ``out_dir`` (``run.json``, ``checkpoint.safetenso
 
 The loop is :class:`Trainer`: ``prepare`` (config, cases, run folder) → ``load_data`` → ``build``
 (model, optimiser, schedule, loss) → ``resume`` → per epoch ``run_epoch`` + ``validate`` +
-``save_checkpoint`` → ``finish`` (selected weights, model package, summary). About 550 lines: the loop's
-steps and the pieces only it uses (class weights, optimiser, schedule, model card) stay together.
+``save_checkpoint`` → ``finish`` (selected weights, model package, summary). About 630 lines: the loop's
+steps and the pieces only it uses (class weights, optimiser, schedule, model card, distillation teacher)
+stay together.
 """
 
 from __future__ import annotations
