@@ -461,6 +461,11 @@ def test_tta_transforms_act_per_cell_in_place_and_invert():
         assert torch.equal(inv(fwd(img[None])), img[None])  # works on batches (..., H, W)
     for fwd, inv in tta_transforms(with_flip_rot=True):
         assert torch.equal(inv(fwd(img)), img)
+    # a flips-only model's views never swap the axes: the identity, both flips and their product
+    flips_only = tta_transforms(with_flip_rot=True, quarter_turns=False)
+    assert [f.name for f, _ in flips_only] == ["identity", "hflip", "rot180", "rot180+hflip"]
+    for fwd, inv in flips_only:
+        assert torch.equal(inv(fwd(img)), img)
     # not the same as transforming the whole 192-px image
     whole = torch.rot90(img, 1, dims=(-2, -1))
     assert not torch.equal(pairs[2][0](img), whole)

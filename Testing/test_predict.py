@@ -87,6 +87,30 @@ def test_all_windows_tta_and_ensemble(tiny_model, small_case, tmp_path):
     assert single["uncertainty"]["ensemble_std"] is None
 
 
+def test_tta_of_a_flips_only_model_never_turns_the_grid(tiny_model, small_case, tmp_path, monkeypatch):
+    """A model trained without quarter turns (train.quarter_turns: false, recorded in its config) is shown
+    only the flipped views at test time; a model trained with turns also gets the turned ones."""
+    import ipmn.augment
+
+    real, seen = ipmn.augment.tta_transforms, []
+
+    def spy(*args, **kwargs):
+        pairs = real(*args, **kwargs)
+        seen.append([fwd.name for fwd, _ in pairs])
+        return pairs
+
+    monkeypatch.setattr(ipmn.augment, "tta_transforms", spy)
+    torch.manual_seed(0)
+    flips = tmp_path / "flips"
+    save_package(flips, build_model(TINY), {**TINY, "name": "flips", "card": "random weights, for tests",
+                                            "preprocess": FAST_PRE, "training": {"augmentation": "flips"}})
+    kw = {"t1": small_case["t1"], "t2": small_case["t2"], "roi": small_case["roi"], "tta": True, "fidelity": False}
+    Predictor(flips, device="cpu").predict(**kw)
+    Predictor(tiny_model, device="cpu").predict(**kw)
+    assert seen[0] == ["identity", "hflip", "rot180"]
+    assert seen[-1] == ["identity", "hflip", "rot90", "rot180", "rot270"]
+
+
 def _forced_attention_model(folder, token):
     """A 1-layer ViT whose every query attends to patch ``token`` (1-based, 0 = class token)."""
     torch.manual_seed(0)

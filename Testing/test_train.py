@@ -213,6 +213,41 @@ def test_window_reach_keeps_training_windows_near_the_centre():
     assert case_starts(arrays, 9, 4, reach=0) == [[0], [2], [8]]  # the central window even off-stride
 
 
+def test_flips_only_training_never_turns_a_window():
+    """train.quarter_turns: false maps the plan's turns to 0 or 2: every sample is the window, a flip of it
+    or both flips, never turned (which would swap the 2.4 mm and 1.0 mm axes); with turns, rot 1 turns it."""
+    import numpy as np
+    import torch
+
+    from ipmn.grid import tile
+    from ipmn.windows import WindowDataset
+
+    rng = np.random.default_rng(0)
+    window = rng.random((2, 9, 8, 8)).astype(np.float32)  # no symmetry
+    tiled = torch.from_numpy(tile(window))
+
+    def views(x):  # x: (C, k, h, w) -> tiled
+        return torch.from_numpy(np.ascontiguousarray(tile(x)))
+
+    flipped = [views(window), views(window[..., ::-1]), views(window[..., ::-1, :]), views(window[..., ::-1, ::-1])]
+    turned = views(np.rot90(window, 1, axes=(-2, -1)))
+    flips_only = WindowDataset([window], [2], 9, 8, augment=True, quarter_turns=False)
+    with_turns = WindowDataset([window], [2], 9, 8, augment=True, quarter_turns=True)
+    plan = [(0, 0, f, r) for f in (0, 1) for r in range(4)]
+    flips_only.plan = with_turns.plan = plan
+    seen = set()
+    for i, (_, _, f, r) in enumerate(plan):
+        x, y = flips_only[i]
+        assert y == 2
+        matches = [j for j, v in enumerate(flipped) if torch.equal(x, v)]
+        assert len(matches) == 1, (f, r)
+        seen.add(matches[0])
+        if r % 2:
+            assert not any(torch.equal(with_turns[i][0], v) for v in flipped)  # the turned views differ
+    assert seen == {0, 1, 2, 3}  # all four flips are drawn
+    assert torch.equal(with_turns[1][0], turned) and torch.equal(flips_only[0][0], tiled)
+
+
 def test_epoch_plan_is_a_function_of_seed_and_epoch():
     from ipmn.windows import epoch_plan
 

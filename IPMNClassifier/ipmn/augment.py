@@ -9,8 +9,9 @@ which is how TTA maps computed on a transformed grid are brought back.
 
 * training (paper): per sample a random flip and a random number of quarter turns, identical on every
   slice and channel — drawn by :func:`ipmn.windows.epoch_plan` from ``(seed, epoch)`` and applied by
-  :func:`augment_window`;
-* TTA: :func:`tta_transforms` — identity, hflip, rot90, rot180, rot270 (and the flipped turns).
+  :func:`augment_window`; ``train.quarter_turns: false`` keeps the flips only (anisotropic pixels);
+* TTA: :func:`tta_transforms` — identity, hflip, rot90, rot180, rot270 (and the flipped turns), or
+  without the turns that swap the axes for a flips-only model.
 """
 
 from __future__ import annotations
@@ -108,14 +109,19 @@ TTA_VIEWS = (("identity", False, 0), ("hflip", True, 0), ("rot90", False, 1), ("
 TTA_FLIPPED_TURNS = (("rot90+hflip", True, 1), ("rot180+hflip", True, 2), ("rot270+hflip", True, 3))
 
 
-def tta_transforms(k: int = 9, cell: int = 64, with_flip_rot: bool = False) -> list[tuple[Callable, Callable]]:
+def tta_transforms(k: int = 9, cell: int = 64, with_flip_rot: bool = False,
+                   quarter_turns: bool = True) -> list[tuple[Callable, Callable]]:
     """Test-time augmentations as ``(forward, inverse)`` pairs acting cell-wise on tiled ``(..., H, W)`` images.
 
     ``forward`` transforms grids; ``inverse`` maps an explanation computed on the transformed grid back
     onto the original one. Each callable has a ``name``. ``with_flip_rot`` adds the flipped turns (the
-    full dihedral group, 8 in all).
+    full dihedral group, 8 in all). ``quarter_turns=False`` (a model trained with flips only,
+    ``train.quarter_turns: false``) keeps the views that do not swap the axes: identity, hflip, rot180
+    (and rot180+hflip, the up-down flip).
     """
     views = TTA_VIEWS + (TTA_FLIPPED_TURNS if with_flip_rot else ())
+    if not quarter_turns:
+        views = tuple(v for v in views if v[2] % 2 == 0)
     ops = [Dihedral(flip, rot, name) for name, flip, rot in views]
     return [(_OnTiles(op, k, cell, inverse=False), _OnTiles(op, k, cell, inverse=True)) for op in ops]
 

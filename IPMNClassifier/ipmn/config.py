@@ -396,6 +396,10 @@ class TrainConfig(Section):
     class_weights: object = "balanced"  # balanced (training split only) | none | [w_normal, w_low, w_high]
     label_smoothing: float = 0.0
     augment: bool = True
+    # Quarter turns swap the grid's two in-plane axes: with anisotropic pixels (grid_spacing_mm [2.4, 1.0])
+    # a turned cyst is 2.4x too wide, an image no scanner makes. false = flips only (left-right, up-down);
+    # test-time augmentation of the model then uses the same views.
+    quarter_turns: bool = True
     windows_per_case: int | None = None  # cap on training windows drawn per case and epoch (None = all)
     window_stride: int = 1
     window_reach: int | None = None  # training windows start at most this many slices from the central one
@@ -436,7 +440,7 @@ class TrainConfig(Section):
         if self.schedule not in ("cosine", "none"):
             self.bad("schedule", "cosine or none")
         self._validate_class_weights(num_classes)
-        for key in ("augment", "deterministic", "keep_checkpoint", "tensorboard"):
+        for key in ("augment", "quarter_turns", "deterministic", "keep_checkpoint", "tensorboard"):
             if not isinstance(getattr(self, key), bool):
                 self.bad(key, "true or false")
         self._validate_distillation()

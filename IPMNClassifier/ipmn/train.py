@@ -385,7 +385,7 @@ class Trainer:
         weight = None if self.weights is None else torch.tensor(self.weights, dtype=torch.float32, device=self.dev)
         self.loss_fn = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=float(t["label_smoothing"]))
         self.dataset = WindowDataset(self.train_arrays, self.train_labels, self.mcfg["k"], self.mcfg["cell"],
-                                     t["augment"])
+                                     t["augment"], t["quarter_turns"])
 
     def resume(self) -> None:
         """Continue from the run's last checkpoint, if there is one."""
@@ -589,6 +589,8 @@ class Trainer:
                           else "last epoch (fixed in advance)" if not self.stop_epoch else
                           "fixed epoch chosen on inner cross-validation folds"),
             "stopped_early": self.stopped_early,
+            # read by test-time augmentation (ipmn.predict): a flips-only model is never shown a turned grid
+            "augmentation": "none" if not t["augment"] else "flips and quarter turns" if t["quarter_turns"] else "flips",
             "class_weights": None if self.weights is None else self.weights.tolist(),
             "class_weights_from": "training split" if t["class_weights"] == "balanced" else t["class_weights"],
             "windows_per_epoch": self.n_items, "world_size": self.world, "device": str(self.dev),

@@ -59,10 +59,12 @@ def landmarks_for(train_cases, grids: dict, cfg: dict) -> dict | None:
 
 class WindowDataset:
     """Tiled training windows for one epoch's plan of ``(case index, start, hflip, quarter turns)``;
-    the flip and turns act on the untiled window (:func:`ipmn.augment.augment_window`)."""
+    the flip and turns act on the untiled window (:func:`ipmn.augment.augment_window`). Without
+    ``quarter_turns`` the plan's turns become 0 or 2 (``train.quarter_turns``: flips only, same plan)."""
 
-    def __init__(self, arrays: list, labels: list, k: int, cell: int, augment: bool):
+    def __init__(self, arrays: list, labels: list, k: int, cell: int, augment: bool, quarter_turns: bool = True):
         self.arrays, self.labels, self.k, self.cell, self.augment = arrays, labels, k, cell, augment
+        self.quarter_turns = quarter_turns
         self.plan: list = []
 
     def __len__(self):
@@ -77,7 +79,7 @@ class WindowDataset:
         ci, start, flip, rot = self.plan[i]
         window = self.arrays[ci][:, start : start + self.k]
         if self.augment:
-            window = augment_window(window, bool(flip), int(rot))
+            window = augment_window(window, bool(flip), int(rot) if self.quarter_turns else 2 * (int(rot) % 2))
         return torch.from_numpy(np.ascontiguousarray(tile(window))), int(self.labels[ci])
 
 
