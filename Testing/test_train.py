@@ -773,3 +773,35 @@ def test_distillation_loss_follows_the_teacher(cases, cache_dir, tmp_path, monke
         assert share_high >= 0.9, share_high
     else:
         assert share_high <= 0.75, share_high  # a third of the training cases are high risk
+
+
+@pytest.mark.parametrize("temperature", [None, 2.0])
+def test_soft_distillation_learns_the_teachers_beliefs_hard_its_decision(temperature):
+    # Planted teacher with a clear second choice (logits 2, 1, -3). A student that learns from the
+    # distillation term alone ends with the teacher's softened distribution when soft
+    # (train.distill_temperature), and with the teacher's class only, near one-hot, when hard.
+    import contextlib
+
+    from ipmn.train import Trainer
+
+    class Graded(torch.nn.Module):
+        def forward(self, x):
+            return torch.tensor([[2.0, 1.0, -3.0]]).expand(len(x), 3)
+
+    trainer = object.__new__(Trainer)
+    trainer.teacher, trainer.amp_ctx = Graded(), contextlib.nullcontext()
+    trainer.tcfg = {"distill_alpha": 1.0, "distill_temperature": temperature}
+    logits = torch.zeros(4, 3, requires_grad=True)
+    opt = torch.optim.SGD([logits], lr=1.0)
+    for _ in range(500):
+        opt.zero_grad()
+        trainer._distill_loss(torch.zeros(4, 1), logits).backward()
+        opt.step()
+    t = 1.0 if temperature is None else temperature
+    got = torch.softmax(logits.detach()[0] / t, 0)
+    if temperature is None:
+        assert got[0] > 0.97  # only the decision was taught
+    else:
+        want = torch.softmax(torch.tensor([2.0, 1.0, -3.0]) / t, 0)
+        assert torch.allclose(got, want, atol=0.01), (got, want)  # the teacher's beliefs, second choice kept
+        assert 0.3 < got[1] < 0.4

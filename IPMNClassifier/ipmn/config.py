@@ -416,10 +416,12 @@ class TrainConfig(Section):
     tensorboard: bool = False  # also log each epoch's scalars to <run folder>/tensorboard
     # Distillation (DeiT's hard-label variant): a CNN teacher of this arch is trained first on the same
     # training split (teacher_epochs, default epochs); the loss is (1 - distill_alpha) * CE(label)
-    # + distill_alpha * CE(teacher's class). None = no teacher.
+    # + distill_alpha * CE(teacher's class). None = no teacher. distill_temperature T: soft labels instead
+    # (Hinton et al. 2015): distill_alpha * T^2 * KL(teacher || student), both softened by T.
     teacher_arch: str | None = None
     teacher_epochs: int | None = None
     distill_alpha: float = 0.5
+    distill_temperature: float | None = None
 
     def validate(self, num_classes: int = 3) -> None:
         if self.optimizer not in ("adam", "adamw", "sgd"):
@@ -481,6 +483,8 @@ class TrainConfig(Section):
         a = self.distill_alpha
         if not (_is_number(a) and 0 <= a <= 1):
             self.bad("distill_alpha", "a number from 0 to 1")
+        if self.distill_temperature is not None and not _positive(self.distill_temperature):
+            self.bad("distill_temperature", "a positive number or null (hard labels)")
 
     def _validate_class_weights(self, num_classes: int) -> None:
         cw = self.class_weights

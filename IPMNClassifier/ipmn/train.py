@@ -480,6 +480,21 @@ class Trainer:
                 "train_s": round(train_s, 4), "data_wait_s": round(data_wait, 4),
                 "samples_per_s": round(n_seen / max(train_s, 1e-9), 3)}
 
+    def _distill_loss(self, x, logits):
+        """``distill_alpha`` × CE(teacher's class) (hard, DeiT), or × T² · KL(teacher ‖ student) on
+        T-softened outputs (``distill_temperature`` T, Hinton et al. 2015)."""
+        import torch
+        import torch.nn.functional as F
+
+        with torch.no_grad(), self.amp_ctx:
+            taught = self.teacher(x).float()
+        alpha, temp = float(self.tcfg["distill_alpha"]), self.tcfg["distill_temperature"]
+        if temp is None:
+            return alpha * F.cross_entropy(logits, taught.argmax(dim=1))
+        temp = float(temp)
+        return alpha * temp**2 * F.kl_div(F.log_softmax(logits / temp, dim=1), F.log_softmax(taught / temp, dim=1),
+                                          reduction="batchmean", log_target=True)
+
     def _step(self, x, y):
         """One optimiser step on a batch; returns the batch loss."""
         import torch
@@ -489,11 +504,8 @@ class Trainer:
         with self.amp_ctx:
             logits = self.model(x)
         loss = self.loss_fn(logits.float(), y)
-        if self.teacher is not None:  # DeiT hard-label distillation: also learn the teacher's decision
-            with torch.no_grad(), self.amp_ctx:
-                taught = self.teacher(x).argmax(dim=1)
-            alpha = float(self.tcfg["distill_alpha"])
-            loss = (1 - alpha) * loss + alpha * torch.nn.functional.cross_entropy(logits.float(), taught)
+        if self.teacher is not None:  # distillation: also learn the teacher's decision (DeiT) or beliefs (soft)
+            loss = (1 - float(self.tcfg["distill_alpha"])) * loss + self._distill_loss(x, logits.float())
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             if clip:
