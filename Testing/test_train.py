@@ -116,6 +116,9 @@ def test_bad_config_values():
         {"cv": {"select": ["lr"]}},
         {"cv": {"select": ["epoch", "lr"]}},
         {"train": {"amp": "fp8"}},
+        {"train": {"quarter_turns": "no"}},
+        {"train": {"distill_temperature": 0}},
+        {"train": {"distill_temperature": "warm"}},
     ):
         with pytest.raises(IPMNError):
             resolve_config(raw)
