@@ -34,6 +34,26 @@ def test_conv_stem_keeps_the_token_grid_and_is_local():
     assert divmod(int(blocks.argmax()), 12) == (5, 7)  # centred on its own patch
 
 
+def test_cnn_stem_keeps_the_token_grid_and_centres_each_token_on_its_patch():
+    # The hybrid stem (smallcnn's blocks, then a 2x2 stride-2 conv): a wider receptive field than the conv
+    # stem, but still one token per 16x16 patch, centred on it, so rollout maps land where they belong.
+    torch.manual_seed(0)
+    model = build_model({**TINY, "stem": "cnn"}).eval()
+    assert type(model.patch_embed).__name__ == "CnnStemEmbed"
+    assert model.patch_embed.grid_size == (12, 12)
+    x = torch.rand(1, 2, 192, 192, requires_grad=True)
+    tokens = model.patch_embed(x)
+    assert tokens.shape == (1, 144, 32)
+    tokens[0, 5 * 12 + 7].sum().backward()
+    g = x.grad.abs().sum((0, 1))
+    ys, xs = torch.meshgrid(torch.arange(192.0), torch.arange(192.0), indexing="ij")
+    assert abs(float((g * ys).sum() / g.sum()) - (5 * 16 + 7.5)) < 1.5
+    assert abs(float((g * xs).sum() / g.sum()) - (7 * 16 + 7.5)) < 1.5
+    assert divmod(int(g.reshape(12, 16, 12, 16).sum((1, 3)).argmax()), 12) == (5, 7)
+    # every pixel of its own patch reaches the token
+    assert bool((g[5 * 16 : 6 * 16, 7 * 16 : 8 * 16] > 0).all())
+
+
 def test_register_tokens_are_left_out_of_the_rollout_map():
     torch.manual_seed(0)
     model = build_model({**TINY, "stem": "conv", "reg_tokens": 4})

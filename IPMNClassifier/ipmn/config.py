@@ -89,10 +89,10 @@ class Section:
 
 # ------------------------------------------------------------------------------------------------ model
 VIT_OVERRIDES = ("depth", "embed_dim", "num_heads", "patch_size")
-STEMS = ("patch", "conv")
+STEMS = ("patch", "conv", "cnn")
 VIT_ONLY = (*VIT_OVERRIDES, "stem", "reg_tokens")
 """Model keys that only ViTs take: a CNN variant of a ViT config drops them (``--arch``, ``--models``)."""
-"""ViT patch embeddings: timm's linear patches, or the convolutional stem of :mod:`ipmn.models.stems`."""
+"""ViT patch embeddings: timm's linear patches, or the convolutional stems of :mod:`ipmn.models.stems`."""
 """Model keys passed straight to ``timm.create_model`` for ViTs when set (``None`` = timm's value)."""
 
 
@@ -113,7 +113,7 @@ class ModelConfig(Section):
     embed_dim: int | None = None
     num_heads: int | None = None
     patch_size: int | None = None
-    stem: str = "patch"  # ViT patch embedding: patch (timm's linear) | conv (ipmn.models.stems, from scratch)
+    stem: str = "patch"  # ViT patch embedding: patch (timm's linear) | conv | cnn (ipmn.models.stems, from scratch)
     reg_tokens: int = 0  # ViT register tokens (Darcet 2024); Attention Rollout reads patch tokens only
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0

@@ -87,6 +87,20 @@ def _alexnet():
     return _ALEXNET
 
 
+def smallcnn_blocks(in_chans: int, width: int, n_blocks: int) -> list:
+    """``smallcnn``'s blocks: two 3x3 conv + BatchNorm + ReLU each, ``width · 2**i`` channels, a 2x2 max pool
+    before every block but the first (also the ViT's ``cnn`` stem, :mod:`ipmn.models.stems`)."""
+    blocks, c_in = [], in_chans
+    for i in range(n_blocks):
+        c_out = width * 2**i
+        layers = [] if i == 0 else [nn.MaxPool2d(2)]
+        for c in (c_in, c_out):
+            layers += [nn.Conv2d(c, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+        blocks.append(nn.Sequential(*layers))
+        c_in = c_out
+    return blocks
+
+
 class SmallCNN(nn.Module):
     """Four blocks of two 3x3 convolutions (BatchNorm, ReLU), 2x2 max pooling between blocks, then global
     *max* pooling and a linear layer: 8-16-32-64 channels, ~74 k parameters at 2 channels (few channels
@@ -102,17 +116,9 @@ class SmallCNN(nn.Module):
     def __init__(self, in_chans: int = 2, num_classes: int = 3, drop_rate: float = 0.0, width: int = 8):
         super().__init__()
         self.num_classes = int(num_classes)
-        chans = [in_chans, width, 2 * width, 4 * width, 8 * width]
-        blocks = []
-        for i in range(4):
-            layers = [] if i == 0 else [nn.MaxPool2d(2)]
-            for c_in in (chans[i], chans[i + 1]):
-                layers += [nn.Conv2d(c_in, chans[i + 1], 3, padding=1, bias=False), nn.BatchNorm2d(chans[i + 1]),
-                           nn.ReLU(inplace=True)]
-            blocks.append(nn.Sequential(*layers))
-        self.features = nn.Sequential(*blocks)
+        self.features = nn.Sequential(*smallcnn_blocks(in_chans, width, 4))
         self.drop = nn.Dropout(float(drop_rate))
-        self.head = nn.Linear(chans[-1], self.num_classes)
+        self.head = nn.Linear(8 * width, self.num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

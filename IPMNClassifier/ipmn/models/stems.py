@@ -1,4 +1,4 @@
-"""Convolutional patch embedding for small-data ViTs (``model.stem: conv``).
+"""Convolutional patch embeddings for small-data ViTs (``model.stem: conv`` or ``cnn``).
 
 Xiao et al. 2021 ("Early convolutions help transformers see better") replace the ViT's single
 ``patch x patch`` stride-``patch`` convolution by a few small stride-2 convolutions followed by a 1x1
@@ -14,6 +14,11 @@ would centre token ``j`` on pixel ``16 j``, half a patch off, and shift every ro
 A token of a 16-px patch sees 46 px of the input, i.e. reaches into the neighbouring tokens; tokens
 never straddle grid cells (cells are multiples of the patch), but the border tokens of a cell see a few
 pixels of the adjacent cell.
+
+``cnn`` (:func:`_cnn_stem_layer_class`) is a hybrid ViT's backbone instead: ``smallcnn``'s blocks, whose
+first two 3x3 convolutions work at full resolution, 2x2 max pools between blocks, and a 2x2 stride-2
+projection. Pools and projection tile the patch exactly, so tokens stay centred on their patches; each
+token sees ~76 px, several patches around its own.
 """
 
 from __future__ import annotations
@@ -56,10 +61,37 @@ def _conv_stem_layer_class():
     return ConvStemEmbed
 
 
+def _cnn_stem_layer_class():
+    from timm.layers import PatchEmbed
+
+    class CnnStemEmbed(PatchEmbed):
+        """A small CNN as the patch embedding (a hybrid ViT, Dosovitskiy et al. 2021): ``log2(patch)``
+        blocks of two 3x3 conv + BatchNorm + ReLU (8, 16, 32, … channels; a 2x2 max pool before every
+        block but the first: the blocks of ``smallcnn``), then a 2x2 stride-2 conv to ``embed_dim``.
+        The first block works at full resolution, so a 2-px structure (a nodule along x at 2.4 mm pixels)
+        reaches the tokens before any downsampling. Same token grid and centring as the other stems."""
+
+        def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, **kwargs):
+            kwargs.pop("bias", None)
+            super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+                             **kwargs)
+            p = self.patch_size[0]
+            if self.patch_size[0] != self.patch_size[1] or p < 2 or 2 ** int(math.log2(p)) != p:
+                raise ValueError(f"a CNN stem needs a square power-of-two patch, got {self.patch_size}")
+            from .cnn import smallcnn_blocks
+
+            n = int(math.log2(p))
+            self.proj = nn.Sequential(*smallcnn_blocks(in_chans, 8, n), nn.Conv2d(8 * 2 ** (n - 1), embed_dim, 2, stride=2))
+
+    return CnnStemEmbed
+
+
 def embed_layer_for(stem: str):
     """The ``embed_layer`` to pass to timm's ``VisionTransformer`` for ``stem`` (None = timm's default)."""
     if stem == "patch":
         return None
     if stem == "conv":
         return _conv_stem_layer_class()
+    if stem == "cnn":
+        return _cnn_stem_layer_class()
     raise ValueError(f"unknown stem {stem!r}; valid: {', '.join(STEMS)}")
