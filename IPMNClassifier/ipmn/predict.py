@@ -93,7 +93,8 @@ class Predictor:
         self.class_names = list(first.get("class_names") or CLASS_NAMES)
         self.temperatures = [temperature_of(c) for c in self.configs]
         # a model trained with flips only (train.quarter_turns: false) is never shown a turned grid
-        self.quarter_turns = all((c.get("training") or {}).get("augmentation") != "flips" for c in self.configs)
+        self.quarter_turns = all((c.get("training") or {}).get("augmentation") != "flips"
+                                 for c in self.configs)
 
     # ------------------------------------------------------------------------------------------
     def _autocast(self):
@@ -104,7 +105,8 @@ class Predictor:
         from ipmn.augment import tta_transforms
         from ipmn.explain import explain
 
-        transforms = tta_transforms(self.k, self.cell, quarter_turns=self.quarter_turns) if tta else [(lambda t: t, lambda t: t)]
+        identity = [(lambda t: t, lambda t: t)]
+        transforms = tta_transforms(self.k, self.cell, quarter_turns=self.quarter_turns) if tta else identity
         probs, maps = [], []
         for forward, inverse in transforms:
             with self._autocast():

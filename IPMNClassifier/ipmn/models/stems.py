@@ -81,7 +81,8 @@ def _cnn_stem_layer_class():
             from .cnn import smallcnn_blocks
 
             n = int(math.log2(p))
-            self.proj = nn.Sequential(*smallcnn_blocks(in_chans, 8, n), nn.Conv2d(8 * 2 ** (n - 1), embed_dim, 2, stride=2))
+            self.proj = nn.Sequential(*smallcnn_blocks(in_chans, 8, n),
+                                      nn.Conv2d(8 * 2 ** (n - 1), embed_dim, 2, stride=2))
 
     return CnnStemEmbed
 
