@@ -32,6 +32,14 @@ from ..config import STEMS  # noqa: E402 - the config section names the valid st
 """``patch``: timm's linear patch embedding; ``conv``: :class:`ConvStemEmbed`."""
 
 
+def _stages(patch_size, what: str) -> int:
+    """``log2(patch)``: the number of stride-2 steps of a stem; refuses a non-square or non-power-of-two patch."""
+    p = patch_size[0]
+    if patch_size[0] != patch_size[1] or p < 2 or 2 ** int(math.log2(p)) != p:
+        raise ValueError(f"{what} needs a square power-of-two patch, got {patch_size}")
+    return int(math.log2(p))
+
+
 def _conv_stem_layer_class():
     from timm.layers import PatchEmbed
 
@@ -44,10 +52,7 @@ def _conv_stem_layer_class():
             kwargs.pop("bias", None)
             super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
                              **kwargs)
-            p = self.patch_size[0]
-            if self.patch_size[0] != self.patch_size[1] or p < 2 or 2 ** int(math.log2(p)) != p:
-                raise ValueError(f"a convolutional stem needs a square power-of-two patch, got {self.patch_size}")
-            stages = int(math.log2(p))
+            stages = _stages(self.patch_size, "a convolutional stem")
             layers = []
             c_in = in_chans
             for i in range(stages):
@@ -75,12 +80,9 @@ def _cnn_stem_layer_class():
             kwargs.pop("bias", None)
             super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
                              **kwargs)
-            p = self.patch_size[0]
-            if self.patch_size[0] != self.patch_size[1] or p < 2 or 2 ** int(math.log2(p)) != p:
-                raise ValueError(f"a CNN stem needs a square power-of-two patch, got {self.patch_size}")
             from .cnn import smallcnn_blocks
 
-            n = int(math.log2(p))
+            n = _stages(self.patch_size, "a CNN stem")
             self.proj = nn.Sequential(*smallcnn_blocks(in_chans, 8, n),
                                       nn.Conv2d(8 * 2 ** (n - 1), embed_dim, 2, stride=2))
 
