@@ -436,6 +436,18 @@ def test_package_round_trip(tmp_path, tiny_model, dtype, atol):
         assert size32 < n_params * 2 + 50_000  # stored as 2-byte floats
 
 
+def test_same_weights_give_the_same_weight_file_bytes(tmp_path, tiny_model):
+    """A retrained model that reproduces every tensor must reproduce the file's SHA-256 too: the safetensors
+    header may not depend on a hash map's per-process order (two metadata keys did)."""
+    import hashlib
+
+    digests = set()
+    for i in range(8):
+        folder = save_package(tmp_path / f"pkg{i}", tiny_model, _package_config(), dtype="float16")
+        digests.add(hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest())
+    assert len(digests) == 1
+
+
 def test_package_late_fusion_and_cnn_round_trip(tmp_path):
     for cfg in (dict(TINY, fusion="late"), dict(arch="resnet18", modalities=["t2"])):
         torch.manual_seed(0)

@@ -155,7 +155,9 @@ def save_package(folder, model: nn.Module, config: dict, dtype: str = "float32")
     old = folder.parent / f".{folder.name}.old-{tag}"
     try:
         tmp.mkdir()
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "ipmn_format": FORMAT})
+        # one metadata key: safetensors writes the header's metadata in a hash map's per-process order, so
+        # two keys made the same tensors give different file bytes (config.json names the format)
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         with open(tmp / CONFIG_FILE, "w", encoding="utf-8") as f:
             f.write(text + "\n")
             f.flush()
