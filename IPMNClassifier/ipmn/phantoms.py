@@ -8,9 +8,13 @@ T2-vs-T1 misregistration, bias field, Rician noise and scanner gain.
 Labels follow the Fukuoka/Kyoto rules and are visible only inside the pancreas ROI:
 
 * normal: no cyst, main duct < 4 mm;
-* low risk: 1–3 simple cysts (8–25 mm), main duct < 5 mm, no nodule;
+* low risk: 1–3 simple cysts (the largest 16–28 mm, the others 8–14 mm), main duct < 5 mm, no nodule;
 * high risk: an enhancing mural nodule ≥ 5 mm inside a cyst, or a main duct ≥ 10 mm, or a cyst ≥ 30 mm
   with a worrisome feature (thick enhancing wall, duct 5–9 mm).
+
+A nodule-bearing case has its cysts and duct drawn exactly as a low-risk case has (sizes, number, duct
+width): only the nodule tells the two apart, so a model cannot grade by cyst size instead (the earlier
+generator gave nodule cases the larger cysts, and a model learnt that shortcut).
 
 Cysts/duct are bright on T2 and dark on T1. A mural nodule is what a radiologist looks for: a
 soft-tissue filling defect attached to the inner cyst wall, clearly darker than the cyst fluid on T2
@@ -63,6 +67,8 @@ TISSUE = {
 CENTERS = ("A", "B", "C")
 LESION_LABELS = {"cyst": 1, "nodule": 2, "duct": 3}
 """Values of the lesion label volume (0 = no lesion)."""
+MAIN_CYST_R_MM = (8.0, 14.0)
+"""Radius range of the largest cyst of a low-risk or nodule-bearing case (diameter 16–28 mm, under 30 mm)."""
 DILATED_DUCT_MM = 5.0
 """A main duct at least this wide (diameter) counts as a lesion (worrisome feature from 5 mm)."""
 MAX_T2_SHIFT_MM = 1.5
@@ -272,17 +278,23 @@ def _anatomy(rng, label: int) -> tuple[Anatomy, dict]:
         off = offset_frac * float(r) * np.array([math.cos(ang), math.sin(ang)])
         return np.array([x, float(y) + off[0], float(z) + off[1]]), float(r)
 
-    if label == 1:  # low risk: simple cysts
-        for _ in range(rng.integers(1, 4)):
-            c, _r = place(0)
-            anat.lesions.append(Lesion("cyst", c, rng.uniform(4.0, 12.5)))
+    def cysts_as_in_low_risk():
+        """The largest cyst (returned) and 0-2 smaller ones, and the duct: drawn alike for low-risk and
+        nodule-bearing cases, so that only the nodule tells them apart (no size or duct shortcut)."""
+        cyst_r = rng.uniform(*MAIN_CYST_R_MM)
+        c, _r = place(cyst_r)
+        anat.lesions.append(Lesion("cyst", c, cyst_r))
+        for _ in range(rng.choice(3, p=[0.5, 0.3, 0.2])):
+            anat.lesions.append(Lesion("cyst", place(0)[0], rng.uniform(4.0, 7.0)))
         anat.duct_r = rng.uniform(0.8, 2.2)
+        return c, cyst_r
+
+    if label == 1:  # low risk: simple cysts
+        cysts_as_in_low_risk()
     elif label == 2:
         scenario = rng.choice(["nodule", "duct", "large"], p=[0.6, 0.25, 0.15])  # nodules: the hard case
         if scenario == "nodule":
-            cyst_r = rng.uniform(8.5, 13.5)
-            c, _r = place(cyst_r)
-            anat.lesions.append(Lesion("cyst", c, cyst_r))
+            c, cyst_r = cysts_as_in_low_risk()
             nod_r = rng.uniform(2.75, 4.5)  # diameter 5.5–9 mm
             v = rng.normal(size=3)
             v /= np.linalg.norm(v)
@@ -300,9 +312,8 @@ def _anatomy(rng, label: int) -> tuple[Anatomy, dict]:
             anat.lesions.append(Lesion("cyst", c, cyst_r, wall_mm=rng.uniform(2.0, 3.0)))
             anat.duct_r = rng.uniform(2.6, 4.4)
             info["worrisome"] += [f"cyst {2 * cyst_r:.0f} mm", "thickened enhancing wall", f"main duct {2 * anat.duct_r:.1f} mm"]
-        if scenario != "large" and rng.random() < 0.4:
-            c, _r = place(0)
-            anat.lesions.append(Lesion("cyst", c, rng.uniform(4.0, 8.0)))
+        if scenario == "duct" and rng.random() < 0.4:
+            anat.lesions.append(Lesion("cyst", place(0)[0], rng.uniform(4.0, 8.0)))
         info["scenario"] = str(scenario)
     info["duct_diameter_mm"] = round(2 * anat.duct_r, 2)
     info["cyst_diameters_mm"] = [round(2 * les.radius, 1) for les in anat.lesions if les.kind == "cyst"]

@@ -1,7 +1,8 @@
 """Write the bundled sample phantom case (Resources/SampleData). Reproducible: `make sample-data`.
 
-The sample is a high-risk phantom whose finding is an 8 mm enhancing mural nodule in a cyst, 4 mm from
-the ROI's centre along the slices (inside the central 9-slice window). ``sample.json`` records the
+The sample is a high-risk phantom whose only finding is an 8.3 mm enhancing mural nodule in a 22 mm cyst
+(a cyst that size without the nodule is low risk), at the ROI's centre along the slices (inside the
+central 9-slice window). ``sample.json`` records the
 ``make_case`` arguments, so that a test can rebuild the same phantom without its nodule (ablation).
 """
 
@@ -13,7 +14,7 @@ from pathlib import Path
 from ipmn.io import write_json
 from ipmn.phantoms import make_case, write_case
 
-SEED, LABEL = 20232, 2  # a high-risk phantom with an enhancing mural nodule
+SEED, LABEL = 20067, 2  # a high-risk phantom with an enhancing mural nodule
 MAKE_CASE = {"seed": SEED, "label": LABEL, "t1_shape": [192, 192, 44], "t2_shape": [224, 224, 32],
              "t1_orientation": "LPS", "t2_orientation": "RAS"}
 
