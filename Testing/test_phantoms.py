@@ -86,6 +86,7 @@ def test_label_inside_roi_not_in_global_statistics(cohort24):
         outside = _separation([s[1][j] for s in stats], labels)
         assert outside < min(2.0, inside), j
     truth = json.loads((phantom_cohort.parent / "phantom_truth.json").read_text())
+    assert truth["generator_version"] == 2
     by_label = {}
     for c in cases:
         by_label.setdefault(c.label, []).append(truth["cases"][c.case_id])

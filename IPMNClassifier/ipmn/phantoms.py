@@ -67,6 +67,9 @@ TISSUE = {
 CENTERS = ("A", "B", "C")
 LESION_LABELS = {"cyst": 1, "nodule": 2, "duct": 3}
 """Values of the lesion label volume (0 = no lesion)."""
+GENERATOR_VERSION = 2
+"""Recorded in ``phantom_truth.json``: the same seed gives different cases under another version (2: nodule
+cases draw their cysts as low-risk cases do; 1, before 2026-11-30: nodule cysts drawn larger)."""
 MAIN_CYST_R_MM = (8.0, 14.0)
 """Radius range of the largest cyst of a low-risk or nodule-bearing case (diameter 16–28 mm, under 30 mm)."""
 DILATED_DUCT_MM = 5.0
@@ -533,5 +536,6 @@ def make_cohort(out: str | Path, n: int = 60, seed: int = 0, centers: int = 1, p
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    write_json({"seed": seed, "n": n, "centers": centers, "cases": truth, "note": "synthetic phantoms, not patient data"}, out / "phantom_truth.json")
+    write_json({"seed": seed, "n": n, "centers": centers, "generator_version": GENERATOR_VERSION, "cases": truth,
+                "note": "synthetic phantoms, not patient data"}, out / "phantom_truth.json")
     return manifest
