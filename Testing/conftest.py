@@ -80,9 +80,11 @@ def _lesion_case_row(job: tuple) -> dict:
     from ipmn.vocab import CLASS_NAMES
 
     out, case_id, case_seed, label = job
-    paths = write_case(make_case(case_seed, label), out / "cases", case_id)
+    case = make_case(case_seed, label)
+    paths = write_case(case, out / "cases", case_id)
     return {"case_id": case_id, "label": CLASS_NAMES[label], "center": "A",
-            **{k: p.relative_to(out).as_posix() for k, p in paths.items()}}
+            **{k: p.relative_to(out).as_posix() for k, p in paths.items()},
+            "scenario": case["info"].get("scenario", "")}
 
 
 def lesion_cohort(out: Path, n_per_class: int, seed: int, labels=(1, 2), workers: int = 2) -> Path:
