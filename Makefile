@@ -19,9 +19,10 @@ venv: $(STAMP)
 demo: venv
 	$(BIN)/ipmn demo --out ipmn-demo
 
-## Lint + the whole test suite (slow tests included; see `make test-fast`)
+## Lint + the whole test suite (slow tests included; see `make test-fast`), in 2 worker processes
+## (pytest-xdist), one per core; each test file stays on one worker, so module fixtures (a trained model) run once
 test: venv lint
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
 
 test-fast: venv lint
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
