@@ -422,15 +422,19 @@ class TrainConfig(Section):
     teacher_epochs: int | None = None
     distill_alpha: float = 0.5
     distill_temperature: float | None = None
+    # Auxiliary lesion-map loss (ipmn.lesionloss): weight of a loss that also teaches the network where the
+    # cohort's lesion masks (column 'lesion') put each lesion label; 0 = off. Training only: the package is
+    # the plain classifier. Cases without a mask take no part; a cohort without any is refused.
+    lesion_loss: float = 0.0
 
     def validate(self, num_classes: int = 3) -> None:
         if self.optimizer not in ("adam", "adamw", "sgd"):
             self.bad("optimizer", "adam, adamw or sgd")
         if not _positive(self.lr):
             self.bad("lr", "a positive number")
-        for key in ("weight_decay", "momentum", "min_lr_ratio", "label_smoothing"):
+        for key in ("weight_decay", "momentum", "min_lr_ratio", "label_smoothing", "lesion_loss"):
             v = getattr(self, key)
-            if not _is_number(v) or v < 0:
+            if not _is_number(v) or v < 0 or not math.isfinite(v):
                 self.bad(key, "a number >= 0")
         if self.label_smoothing >= 1 or self.min_lr_ratio > 1:
             self.bad("label_smoothing" if self.label_smoothing >= 1 else "min_lr_ratio", "below 1")

@@ -53,7 +53,9 @@ def make_variants(cfg: dict, models=None, modalities=None, fusions=None) -> list
     """The (arch, modalities, fusion) combinations to cross-validate on the same splits.
 
     Distillation (``train.teacher_arch``) is part of the ViT recipe: a CNN variant is a baseline and trains
-    on the labels alone (its ``train`` overrides say so), as the paper's CNNs do."""
+    without the teacher (its ``train`` overrides say so), as the paper's CNNs do. The lesion masks
+    (``train.lesion_loss``) are the cohort's data, so every early-fusion variant, CNN or ViT, learns from
+    them; late-fusion variants train without them (the lesion head reads one early-fusion feature map)."""
     from ipmn.config import VIT_ONLY, normalize_config
     from ipmn.models import is_vit_arch
     from ipmn.vocab import modality_set, resolve_arch, slug
@@ -90,8 +92,13 @@ def make_variants(cfg: dict, models=None, modalities=None, fusions=None) -> list
                     if m.get("pretrained") not in (None, "hub"):
                         m["pretrained"] = None
                 v = {"arch": arch, "modalities": list(mods), "fusion": f_eff, "model": normalize_config(m)}
+                train = {}
                 if not vit and cfg.get("train", {}).get("teacher_arch"):
-                    v["train"] = {"teacher_arch": None, "teacher_epochs": None}
+                    train |= {"teacher_arch": None, "teacher_epochs": None}
+                if f_eff == "late" and cfg.get("train", {}).get("lesion_loss"):
+                    train["lesion_loss"] = 0.0  # the lesion head reads one early-fusion feature map
+                if train:
+                    v["train"] = train
                 out.append(v)
     several_inputs = len({(tuple(v["modalities"]), v["fusion"]) for v in out}) > 1
     for v in out:

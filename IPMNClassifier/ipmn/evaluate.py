@@ -103,16 +103,22 @@ def attention_lift(attention: np.ndarray, lesion: np.ndarray, region: np.ndarray
     return {"lift": attention_share / lesion_share, "attention_share": attention_share, "lesion_share": lesion_share}
 
 
-def lesion_on_reference(lesion_path, reference):
-    """A lesion label volume (any geometry) as a bool (z, y, x) array on ``reference`` (nearest neighbour)."""
+def labels_on_reference(lesion_path, reference) -> np.ndarray:
+    """A lesion label volume (any geometry) as a float32 (z, y, x) array of its values on ``reference``
+    (nearest neighbour; 0 outside it)."""
     import SimpleITK as sitk
 
     from ipmn.io import read_volume
 
     img = read_volume(lesion_path, name="lesion mask", allow_constant=True)  # empty: no lesion
-    on_ref = sitk.Resample(sitk.Cast(img != 0, sitk.sitkUInt8), reference, sitk.Transform(),
-                           sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    return sitk.GetArrayFromImage(on_ref) > 0
+    on_ref = sitk.Resample(sitk.Cast(img, sitk.sitkFloat32), reference, sitk.Transform(),
+                           sitk.sitkNearestNeighbor, 0.0, sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(on_ref)
+
+
+def lesion_on_reference(lesion_path, reference):
+    """A lesion label volume (any geometry) as a bool (z, y, x) array on ``reference`` (nonzero = lesion)."""
+    return labels_on_reference(lesion_path, reference) != 0
 
 
 def localise(attention_img, inside: np.ndarray, lesion_path, tolerance_mm: float = TOLERANCE_MM) -> dict:

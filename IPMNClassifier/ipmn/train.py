@@ -32,9 +32,11 @@ Working files of a run live in ``out_dir`` (``run.json``, ``checkpoint.safetenso
 
 The loop is :class:`Trainer`: ``prepare`` (config, cases, run folder) → ``load_data`` → ``build``
 (model, optimiser, schedule, loss) → ``resume`` → per epoch ``run_epoch`` + ``validate`` +
-``save_checkpoint`` → ``finish`` (selected weights, model package, summary). About 630 lines: the loop's
+``save_checkpoint`` → ``finish`` (selected weights, model package, summary). About 670 lines: the loop's
 steps and the pieces only it uses (class weights, optimiser, schedule, model card, distillation teacher)
-stay together.
+stay together. With ``train.lesion_loss`` the optimiser and checkpoints hold the net plus its training-only
+lesion head (``Trainer.trainable``, :mod:`ipmn.lesionloss`); validation, best weights and the package
+use the net alone.
 """
 
 from __future__ import annotations
@@ -250,6 +252,10 @@ class Trainer:
         if not cases:
             raise IPMNError("no training cases")
         check_labels(cases, self.mcfg["num_classes"])
+        if self.tcfg["lesion_loss"]:
+            from ipmn.lesionloss import check_masks
+
+            check_masks(cases)
         overlap = {c.case_id for c in cases} & {c.case_id for c in val_cases}
         if overlap:
             raise IPMNError(f"case(s) {sorted(overlap)[:5]} are in both the training and the validation set")
@@ -332,6 +338,11 @@ class Trainer:
         self.train_labels = [c.label for c in cases]
         self.val_arrays = [arrays_by_id[c.case_id] for c in val_cases]
         self.val_y = np.array([c.label for c in val_cases], dtype=int)
+        self.train_lesions = None
+        if t["lesion_loss"]:
+            from ipmn.lesionloss import lesion_grids
+
+            self.train_lesions = lesion_grids(cases, grids, self.mcfg["k"])
         self.starts = case_starts(self.train_arrays, self.mcfg["k"], t["window_stride"], t["window_reach"])
         per_case = per_epoch_counts(self.starts, t["windows_per_case"])
         counts = np.bincount(np.repeat(self.train_labels, per_case), minlength=self.mcfg["num_classes"])
@@ -368,13 +379,21 @@ class Trainer:
         t = self.tcfg
         torch.manual_seed(self.seed)
         self.net = build_model(self.mcfg).to(self.dev)
-        self.model = self.net
+        self.trainable = self.net  # what is optimised and checkpointed: the net, plus the lesion head if any
+        if self.train_lesions is not None:
+            from ipmn.lesionloss import label_weights, n_labels, with_lesion_head
+
+            labels = n_labels(self.train_lesions)
+            self.trainable = with_lesion_head(self.net, labels, self.mcfg["img_size"], len(self.mcfg["modalities"]))
+            self.lesion_weights = label_weights(self.train_lesions, self.mcfg["k"], self.trainable.map_size, labels)
+        self.model = self.trainable
         if self.ddp:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.model = DistributedDataParallel(self.net, device_ids=[self.dev.index] if self.dev.type == "cuda" else None)
+            self.model = DistributedDataParallel(self.trainable,
+                                                 device_ids=[self.dev.index] if self.dev.type == "cuda" else None)
         self.lr = float(t["lr"])
-        self.optimizer = make_optimizer(self.net, t, self.lr)
+        self.optimizer = make_optimizer(self.trainable, t, self.lr)
         total_steps = self.steps_per_epoch * self.epochs
         warmup_steps = self.steps_per_epoch * int(t["warmup_epochs"])
         floor = float(t["min_lr_ratio"])
@@ -385,7 +404,7 @@ class Trainer:
         weight = None if self.weights is None else torch.tensor(self.weights, dtype=torch.float32, device=self.dev)
         self.loss_fn = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=float(t["label_smoothing"]))
         self.dataset = WindowDataset(self.train_arrays, self.train_labels, self.mcfg["k"], self.mcfg["cell"],
-                                     t["augment"], t["quarter_turns"])
+                                     t["augment"], t["quarter_turns"], self.train_lesions)
 
     def resume(self) -> None:
         """Continue from the run's last checkpoint, if there is one."""
@@ -394,7 +413,7 @@ class Trainer:
         ckpt = self.out_dir / CHECKPOINT
         if not ckpt.exists():
             return
-        state = load_checkpoint(ckpt, self.fingerprint, self.net, self.optimizer, self.scheduler, self.scaler)
+        state = load_checkpoint(ckpt, self.fingerprint, self.trainable, self.optimizer, self.scheduler, self.scaler)
         self.history, self.best = state["history"], state["best"]
         self.start_epoch = int(state["epoch"]) + 1
         self.progress.stage("train", f"resuming after epoch {state['epoch']} from {ckpt}", epoch=state["epoch"])
@@ -458,11 +477,12 @@ class Trainer:
         while True:
             wait_began = time.perf_counter()
             try:
-                x, y = next(batches)
+                x, y, *lesion = next(batches)  # lesion: (labels, has mask) with train.lesion_loss
             except StopIteration:
                 break
             data_wait += time.perf_counter() - wait_began
-            loss = self._step(x.to(dev, non_blocking=True), y.to(dev, non_blocking=True))
+            loss = self._step(x.to(dev, non_blocking=True), y.to(dev, non_blocking=True),
+                              [v.to(dev, non_blocking=True) for v in lesion])
             loss_sum += float(loss.detach()) * len(y)
             n_seen += len(y)
         if not math.isfinite(float(loss_sum)):
@@ -495,28 +515,35 @@ class Trainer:
         return alpha * temp**2 * F.kl_div(F.log_softmax(logits / temp, dim=1), F.log_softmax(taught / temp, dim=1),
                                           reduction="batchmean", log_target=True)
 
-    def _step(self, x, y):
-        """One optimiser step on a batch; returns the batch loss."""
+    def _step(self, x, y, lesion=()):
+        """One optimiser step on a batch; returns the batch loss (``lesion``: labels and has-mask flags)."""
         import torch
 
         clip = self.tcfg["grad_clip"]
         self.optimizer.zero_grad(set_to_none=True)
         with self.amp_ctx:
             logits = self.model(x)
+        if lesion:
+            from ipmn.lesionloss import lesion_map_loss
+
+            logits, lesion_logits = logits
         loss = self.loss_fn(logits.float(), y)
         if self.teacher is not None:  # distillation: also learn the teacher's decision (DeiT) or beliefs (soft)
             loss = (1 - float(self.tcfg["distill_alpha"])) * loss + self._distill_loss(x, logits.float())
+        if lesion:
+            weight = float(self.tcfg["lesion_loss"])
+            loss = loss + weight * lesion_map_loss(lesion_logits, *lesion, self.lesion_weights)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             if clip:
                 self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.net.parameters(), float(clip))
+                torch.nn.utils.clip_grad_norm_(self.trainable.parameters(), float(clip))
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             loss.backward()
             if clip:
-                torch.nn.utils.clip_grad_norm_(self.net.parameters(), float(clip))
+                torch.nn.utils.clip_grad_norm_(self.trainable.parameters(), float(clip))
             self.optimizer.step()
         self.scheduler.step()
         return loss
@@ -547,7 +574,7 @@ class Trainer:
 
         if improved:
             save_tensors(self.out_dir / BEST, state_tensors(self.net), {"epoch": epoch, "fingerprint": self.fingerprint})
-        write_checkpoint(self.out_dir / CHECKPOINT, self.net, self.optimizer, self.scheduler, self.scaler,
+        write_checkpoint(self.out_dir / CHECKPOINT, self.trainable, self.optimizer, self.scheduler, self.scaler,
                          {"epoch": epoch, "fingerprint": self.fingerprint, "history": self.history, "best": self.best,
                           "stopped_early": self.stopped_early})
         write_json({"history": self.history, "best": self.best}, self.out_dir / "history.json")

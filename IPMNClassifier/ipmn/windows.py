@@ -60,11 +60,15 @@ def landmarks_for(train_cases, grids: dict, cfg: dict) -> dict | None:
 class WindowDataset:
     """Tiled training windows for one epoch's plan of ``(case index, start, hflip, quarter turns)``;
     the flip and turns act on the untiled window (:func:`ipmn.augment.augment_window`). Without
-    ``quarter_turns`` the plan's turns become 0 or 2 (``train.quarter_turns``: flips only, same plan)."""
+    ``quarter_turns`` the plan's turns become 0 or 2 (``train.quarter_turns``: flips only, same plan).
+    With ``lesions`` a sample also carries its tiled lesion labels (1, H, W), transformed as the image,
+    and 1/0 for "has a mask" (``train.lesion_loss``)."""
 
-    def __init__(self, arrays: list, labels: list, k: int, cell: int, augment: bool, quarter_turns: bool = True):
+    def __init__(self, arrays: list, labels: list, k: int, cell: int, augment: bool, quarter_turns: bool = True,
+                 lesions: list | None = None):
         self.arrays, self.labels, self.k, self.cell, self.augment = arrays, labels, k, cell, augment
         self.quarter_turns = quarter_turns
+        self.lesions = lesions  # per case (S, cell, cell) lesion labels or None (ipmn.lesionloss)
         self.plan: list = []
 
     def __len__(self):
@@ -77,10 +81,20 @@ class WindowDataset:
         from ipmn.grid import tile
 
         ci, start, flip, rot = self.plan[i]
+        rot = int(rot) if self.quarter_turns else 2 * (int(rot) % 2)
         window = self.arrays[ci][:, start : start + self.k]
         if self.augment:
-            window = augment_window(window, bool(flip), int(rot) if self.quarter_turns else 2 * (int(rot) % 2))
-        return torch.from_numpy(np.ascontiguousarray(tile(window))), int(self.labels[ci])
+            window = augment_window(window, bool(flip), rot)
+        sample = torch.from_numpy(np.ascontiguousarray(tile(window))), int(self.labels[ci])
+        if self.lesions is None:
+            return sample
+        les = self.lesions[ci]
+        if les is None:  # no mask: zeros, and the loss skips it
+            return (*sample, torch.zeros((1, *sample[0].shape[-2:]), dtype=torch.uint8), 0)
+        les = les[None, start : start + self.k]
+        if self.augment:
+            les = augment_window(les, bool(flip), rot)
+        return (*sample, torch.from_numpy(np.ascontiguousarray(tile(les))), 1)
 
 
 def case_starts(arrays: list, k: int, stride: int, reach: int | None = None) -> list[list[int]]:
