@@ -45,7 +45,7 @@ bench-gpu: venv
 	$(BIN)/python Testing/Benchmarks/bench_train.py --device cuda --arch vit_base_patch16_224 --depth 12 --batch 32 --amp bf16 --skip-cv --out bench-train-gpu.json
 	$(BIN)/python Testing/Benchmarks/bench_predict.py --device cuda --naive-runs 0 --out bench-predict-gpu.json
 
-## Rebuild the shipped demo model (synthetic phantoms only; about 41 min on an idle 2-core CPU, 44 min measured end to end on a shared one; rerunning the train step reproduced every tensor bit for bit for the previous model)
+## Rebuild the shipped demo model (synthetic phantoms only; about 40 min on an idle 2-core CPU: phantoms 11, preprocessing 10.5, training ~18.5 (24 epochs); rerunning the train step reproduced every tensor bit for bit for an earlier model)
 DEMO_COHORT := build/demo-cohort
 demo-model: venv
 	$(BIN)/ipmn phantoms --n 1200 --seed 21 --workers 2 --out $(DEMO_COHORT) --quiet

@@ -48,19 +48,12 @@ def _central(predictor, case: dict, out):
     return predictor.predict(t1=case["t1"], t2=case["t2"], roi=case["roi"], out=out, windows="central")
 
 
-GAP = ("issue 11 target not met by the shipped demo model (README, 'Demo model'): it does not learn the mural "
-       "nodule; it grades the sample low (p_high 0.18; 0.17 with the nodule removed) and finds 2 of 20 held-out "
-       "nodule cases")
-
-
-@pytest.mark.xfail(strict=True, reason=GAP)
 def test_demo_grades_the_sample_high(demo_run):
     proc, out = demo_run
     result = json.loads((out / "prediction.json").read_text())
     assert result["predicted_class"] == "high", result["probabilities"]
 
 
-@pytest.mark.xfail(strict=True, reason=GAP)
 def test_sample_high_with_central_window_and_attention_on_the_lesion(tmp_path):
     from scipy.ndimage import distance_transform_edt
 
@@ -81,7 +74,6 @@ def test_sample_high_with_central_window_and_attention_on_the_lesion(tmp_path):
     assert dist[peak] <= 5.0, f"attention maximum {dist[peak]:.1f} mm from the lesion"
 
 
-@pytest.mark.xfail(strict=True, reason=GAP)
 def test_removing_the_nodule_removes_the_high_grade(tmp_path):
     from ipmn.phantoms import make_case, write_case
     from ipmn.predict import Predictor

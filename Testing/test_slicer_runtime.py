@@ -327,8 +327,6 @@ def test_self_test_sample_is_graded_abnormal_and_shown_as_the_table_says(sample_
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 11: the shipped demo model has not learnt the mural nodule and "
-                   "grades the sample low (README, 'Demo model'; Testing/test_demo.py)")
 def test_self_test_sample_gets_its_true_grade(sample_result):
     from IPMNClassifierLib.sampledata import expectedSampleClass
 
