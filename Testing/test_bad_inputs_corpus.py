@@ -553,13 +553,15 @@ def _old_run(folder: Path, kind: str) -> dict:
 @pytest.fixture(scope="module")
 def truncated_cohort(tmp_path_factory) -> Path:
     """Twelve cases (four per class, one patient each) whose T1 is the sample's, truncated: the run passes its
-    cohort and fold checks and then fails on the first case it reads."""
+    cohort, fold and lesion-mask checks (the demo preset's lesion-map loss) and then fails on the first case
+    it reads."""
     root = tmp_path_factory.mktemp("trunc_cohort")
     raw = (SAMPLE / "sample_t1.nii.gz").read_bytes()
     (root / "t1.nii.gz").write_bytes(raw[: len(raw) // 2])
-    lines = ["case_id,t1,t2,roi,label"]
+    lines = ["case_id,t1,t2,roi,label,lesion"]
     for i, label in enumerate(["normal", "low", "high"] * 4):
-        lines.append(f"c{i},t1.nii.gz,{SAMPLE / 'sample_t2.nii.gz'},{SAMPLE / 'sample_roi.mrk.json'},{label}")
+        lines.append(f"c{i},t1.nii.gz,{SAMPLE / 'sample_t2.nii.gz'},{SAMPLE / 'sample_roi.mrk.json'},{label},"
+                     f"{SAMPLE / 'sample_lesion.nii.gz'}")
     (root / "cohort.csv").write_text("\n".join(lines) + "\n")
     return root / "cohort.csv"
 
