@@ -153,13 +153,13 @@ def test_the_loss_rewards_the_right_map_and_ignores_cases_without_a_mask():
                                         ("vit", (12, 12))])
 def test_the_head_reads_the_last_feature_map(arch, size):
     from ipmn.config import resolve_config
-    from ipmn.lesionloss import with_lesion_head
+    from ipmn.lesionloss import WithLesionHead
     from ipmn.models import build_model
 
     model = (TINY["model"] if arch == "vit" else {"arch": arch, "pretrained": None})
     mcfg = resolve_config({"model": model})["model"]
     net = build_model(mcfg)
-    both = with_lesion_head(net, 3, 192, 2)
+    both = WithLesionHead(net, 3, 192, 2)
     x = torch.randn(2, 2, 192, 192)
     logits, maps = both(x)
     assert logits.shape == (2, 3) and maps.shape == (2, 4, *size) and both.map_size == size

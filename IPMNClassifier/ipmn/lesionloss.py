@@ -27,6 +27,9 @@ How, in one place:
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 from ipmn.errors import IPMNError
 
@@ -63,10 +66,7 @@ def lesion_grids(cases, grids: dict, k: int) -> list:
         if c.lesion is None:
             out.append(None)
             continue
-        labels = labels_on_grid(c.lesion, grids[c.case_id].grid)
-        if labels.shape != grids[c.case_id].data.shape[1:]:
-            raise IPMNError(f"case {c.case_id}: its lesion mask on the ROI grid has shape {labels.shape}, "
-                            f"the images {grids[c.case_id].data.shape[1:]}")
+        labels = labels_on_grid(c.lesion, grids[c.case_id].grid)  # the images' grid: the same shape
         out.append(pad_slices(labels[None], k)[0])
     return out
 
@@ -106,66 +106,50 @@ def _as_map(out, net, kind: str):
     return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
 
 
-def _torch_module():
-    from torch import nn
+class WithLesionHead(nn.Module):
+    """``net`` + a 1 × 1 convolution on its tapped features; ``forward`` returns (class logits, lesion
+    logits (B, labels + 1, h, w)); ``map_size`` is (h, w). State keys ``net.*`` and ``lesion_head.*``
+    (checkpoints only)."""
 
-    class WithLesionHead(nn.Module):
-        """``net`` + a 1 × 1 convolution on its tapped features; ``forward`` returns (class logits, lesion
-        logits (B, labels + 1, h, w)); ``map_size`` is (h, w). State keys ``net.*`` and ``lesion_head.*``
-        (checkpoints only)."""
+    def __init__(self, net, labels: int, img_size: int, in_chans: int):
+        super().__init__()
+        self.net = net
+        layer, self.kind = feature_layer(net)
+        self._tapped = None
+        layer.register_forward_hook(self._tap)
+        was = net.training
+        net.eval()
+        with torch.no_grad():
+            net(torch.zeros(1, in_chans, img_size, img_size, device=next(net.parameters()).device))
+        net.train(was)
+        fmap = _as_map(self._tapped, net, self.kind)
+        self._tapped = None
+        self.map_size = tuple(fmap.shape[-2:])
+        self.lesion_head = nn.Conv2d(fmap.shape[1], labels + 1, 1).to(next(net.parameters()).device)
 
-        def __init__(self, net, labels: int, img_size: int, in_chans: int):
-            import torch
+    def _tap(self, _module, _inputs, output):
+        self._tapped = output
 
-            super().__init__()
-            self.net = net
-            layer, self.kind = feature_layer(net)
-            self._tapped = None
-            layer.register_forward_hook(self._tap)
-            was = net.training
-            net.eval()
-            with torch.no_grad():
-                net(torch.zeros(1, in_chans, img_size, img_size, device=next(net.parameters()).device))
-            net.train(was)
-            fmap = _as_map(self._tapped, net, self.kind)
-            self._tapped = None
-            self.map_size = tuple(fmap.shape[-2:])
-            self.lesion_head = nn.Conv2d(fmap.shape[1], labels + 1, 1).to(next(net.parameters()).device)
+    def no_weight_decay(self) -> set:
+        skip = self.net.no_weight_decay() if hasattr(self.net, "no_weight_decay") else ()
+        return {f"net.{n}" for n in skip}
 
-        def _tap(self, _module, _inputs, output):
-            self._tapped = output
-
-        def no_weight_decay(self) -> set:
-            skip = self.net.no_weight_decay() if hasattr(self.net, "no_weight_decay") else ()
-            return {f"net.{n}" for n in skip}
-
-        def forward(self, x):
-            logits = self.net(x)
-            fmap = _as_map(self._tapped, self.net, self.kind)
-            self._tapped = None
-            return logits, self.lesion_head(fmap.float())
-
-    WithLesionHead.__qualname__ = "WithLesionHead"
-    return WithLesionHead
-
-
-def with_lesion_head(net, labels: int, img_size: int, in_chans: int):
-    return _torch_module()(net, labels, img_size, in_chans)
+    def forward(self, x):
+        logits = self.net(x)
+        fmap = _as_map(self._tapped, self.net, self.kind)
+        self._tapped = None
+        return logits, self.lesion_head(fmap.float())
 
 
 def block_targets(labels, size):
     """Tiled label windows (B, 1, H, W) → (B, h, w) long: the highest label in each block of the (h, w)
     feature map (adaptive max pooling, so any stride works)."""
-    import torch.nn.functional as F
-
     return F.adaptive_max_pool2d(labels.float(), tuple(size))[:, 0].round().long()
 
 
 def label_weights(lesions: list, k: int, size, n: int):
     """Loss weight of labels 0..n: blocks / ((n + 1) · blocks of the label), over the central windows of
     the training cases that have a mask, capped at :data:`MAX_WEIGHT` (0 for a label that never occurs)."""
-    import torch
-
     from ipmn.grid import central_start, tile
 
     counts = torch.zeros(n + 1, dtype=torch.float64)
@@ -182,8 +166,6 @@ def label_weights(lesions: list, k: int, size, n: int):
 def lesion_map_loss(lesion_logits, labels, has, weight):
     """Weighted cross-entropy of the blocks' highest labels, over the cases that have a mask (``has``);
     0 when none has."""
-    import torch.nn.functional as F
-
     keep = has.bool()
     if not keep.any():
         return lesion_logits.sum() * 0.0

@@ -381,10 +381,10 @@ class Trainer:
         self.net = build_model(self.mcfg).to(self.dev)
         self.trainable = self.net  # what is optimised and checkpointed: the net, plus the lesion head if any
         if self.train_lesions is not None:
-            from ipmn.lesionloss import label_weights, n_labels, with_lesion_head
+            from ipmn.lesionloss import WithLesionHead, label_weights, n_labels
 
             labels = n_labels(self.train_lesions)
-            self.trainable = with_lesion_head(self.net, labels, self.mcfg["img_size"], len(self.mcfg["modalities"]))
+            self.trainable = WithLesionHead(self.net, labels, self.mcfg["img_size"], len(self.mcfg["modalities"]))
             self.lesion_weights = label_weights(self.train_lesions, self.mcfg["k"], self.trainable.map_size, labels)
         self.model = self.trainable
         if self.ddp:
